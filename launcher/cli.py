@@ -1,0 +1,321 @@
+"""From argv to validated configs: Hydra composition plus the checks Hydra does not make.
+
+Hydra alone would exit 1 with its own wording on a typo, and would let `+key=value` graft unknown
+keys onto the schema. Here every sweep point is composed and checked before anything runs, and
+each problem becomes a ConfigError naming the field, the value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.object_type import ObjectType
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from launcher.config import GROUPS, Config, register_schemas
+from launcher.dist import DistEnv
+from launcher.errors import ConfigError, did_you_mean, one_of
+from launcher.recipe import (
+    looks_like_import_path,
+    recipe_class_for,
+    register_builtin_recipes,
+    register_recipe_by_path,
+)
+from launcher.validate import check_config
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_NAME = "config"
+# Groups selectable with `group=option`; `experiment` overlays pin combinations.
+SELECTABLE = (*GROUPS, "experiment")
+
+
+@dataclass
+class Job:
+    """One validated configuration to run."""
+
+    cfg: Config
+    recipe_class: type
+    recipe_name: str
+    """Short recipe name for the default run directory (runs/<recipe_name>/<run id>)."""
+    output_dir: str | None = None
+    """Set in a multirun sweep: Hydra's per-job directory, used as the default run.dir."""
+
+
+@dataclass
+class Request:
+    overrides: list[str]
+    multirun: bool
+    config_dir: str | None
+    config_name: str
+    hydra_only: bool
+    """--help, --cfg, --info and friends: Hydra answers them, nothing trains."""
+
+
+def parse_argv(argv: list[str]) -> Request:
+    args = get_args_parser().parse_args(argv)
+    hydra_only = bool(
+        args.help
+        or args.hydra_help
+        or args.cfg
+        or args.info
+        or args.shell_completion
+        or args.config_path
+        or args.experimental_rerun
+    )
+    return Request(
+        overrides=list(args.overrides),
+        multirun=bool(args.multirun),
+        config_dir=args.config_dir,
+        config_name=args.config_name or CONFIG_NAME,
+        hydra_only=hydra_only,
+    )
+
+
+def register_all(overrides: list[str]) -> None:
+    """Register schemas: the launcher's, the built-in recipes', and any recipe named by import path."""
+    register_schemas()
+    builtin = register_builtin_recipes()
+    for override in _parse(overrides):
+        if override.key_or_group == "recipe":
+            for value in _values(override):
+                if value not in builtin and looks_like_import_path(value):
+                    register_recipe_by_path(value)
+
+
+def compose_jobs(request: Request, world_size: int) -> list[Job]:
+    """Compose and check every job the request describes (one, or one per sweep point).
+
+    Raises:
+        ConfigError: the first invalid override, value or combination.
+    """
+    if request.multirun and world_size > 1:
+        raise ConfigError(
+            "--multirun",
+            "",
+            f"sweeps run one job at a time in one process, not under {world_size} ranks",
+            "run the sweep with plain `python -m launcher -m ...`, "
+            "or submit each point as its own job with launcher.slurm",
+        )
+    parsed = _parse(request.overrides)
+    if request.multirun:
+        points = _sweep_points(parsed)
+    else:
+        for override in parsed:
+            if override.is_sweep_override():
+                raise ConfigError(
+                    override.key_or_group,
+                    _text(override),
+                    "is a sweep (several values)",
+                    "add -m to run one job per value",
+                )
+        points = [request.overrides]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="launcher"):
+        return [_compose_job(point, request, world_size) for point in points]
+
+
+def job_from_hydra(cfg: DictConfig, choices: dict[str, Any], output_dir: str | None, world_size: int) -> Job:
+    """Build a Job from the config hydra.main passes to a multirun task."""
+    return _to_job(cfg, choices, output_dir, world_size)
+
+
+def hydra_main(task: Callable[[DictConfig], None]) -> None:
+    """Run Hydra's own main (sweeps, --help, --cfg) over our config tree, calling `task` per job."""
+    import hydra
+
+    hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")(task)()
+
+
+# --- composition ------------------------------------------------------------------------------
+
+
+def _compose_job(overrides: list[str], request: Request, world_size: int) -> Job:
+    search = [f"hydra.searchpath=[file://{Path(request.config_dir).resolve()}]"] if request.config_dir else []
+    parsed = _parse(overrides)
+    group_overrides, key_overrides = [], []
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra"):
+            group_overrides.append(override.input_line)
+        elif override.is_delete():
+            raise ConfigError(
+                key, _text(override), "deleting keys (~) is not supported", "set the value you want instead"
+            )
+        elif key in SELECTABLE:
+            _check_group_option(override)
+            group_overrides.append(override.input_line.lstrip("+"))
+        else:
+            key_overrides.append(override)
+    base = _compose(request.config_name, search + group_overrides)
+    for override in key_overrides:
+        _check_key(base, override)
+    cfg = _compose(request.config_name, search + group_overrides + [o.input_line for o in key_overrides])
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return _to_job(cfg, choices, None, world_size)
+
+
+def _to_job(cfg: DictConfig, choices: dict[str, Any], output_dir: str | None, world_size: int) -> Job:
+    _reject_extra_keys(cfg, "")
+    try:
+        config = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, ValueError, TypeError) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
+        if cause:
+            raise cause from None
+        raise ConfigError(getattr(err, "full_key", None) or "config", "", _first_line(err)) from None
+    assert isinstance(config, Config), type(config)
+    recipe_class = recipe_class_for(config.recipe)
+    check_config(config, recipe_class, world_size)
+    recipe_choice = str(choices.get("recipe") or recipe_class.__name__)
+    recipe_name = recipe_choice.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    return Job(config, recipe_class, recipe_name, output_dir)
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    try:
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise _explain(err, overrides) from None
+
+
+def _explain(err: Exception, overrides: list[str]) -> ConfigError:
+    """Turn a Hydra/OmegaConf composition error into a ConfigError naming the field."""
+    cause = err.__cause__ or err
+    key = getattr(cause, "full_key", None)
+    if key:
+        value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == key), "")
+        return ConfigError(
+            key,
+            value,
+            f"wrong type or value: {_first_line(cause)}",
+            f"see the docstring of {key} in launcher/config.py or the recipe's Config",
+        )
+    return ConfigError("config", "", _first_line(err), "check the overrides and conf/ YAML files")
+
+
+def _check_group_option(override: Override) -> None:
+    group = override.key_or_group
+    options = (
+        GlobalHydra.instance().config_loader().get_group_options(group, results_filter=ObjectType.CONFIG)
+    )
+    for value in _values(override):
+        if value not in options:
+            raise ConfigError(
+                group,
+                value,
+                f"is not an option of group '{group}'{did_you_mean(value, options)}",
+                f"choose one of: {one_of(options)}"
+                + ("; a recipe of your own: recipe=my_pkg.my_module:MyRecipe" if group == "recipe" else ""),
+            )
+
+
+def _check_key(base: DictConfig, override: Override) -> None:
+    """Reject unknown keys (with suggestions) and `+`/`++` additions to the fixed schema."""
+    key = override.key_or_group
+    node: Any = base
+    path: list[str] = []
+    for part in key.split("."):
+        if isinstance(node, DictConfig):
+            if part not in node:
+                section = ".".join(path) or "the top level"
+                raise ConfigError(
+                    key,
+                    _text(override),
+                    f"unknown key{did_you_mean(_join(path, part), [_join(path, k) for k in node])}",
+                    f"valid keys in {section}: {one_of(str(k) for k in node)}",
+                )
+            node = node[part]
+        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise ConfigError(
+                key,
+                _text(override),
+                f"{'.'.join(path)} is a value, not a section",
+                f"set {'.'.join(path)}=<value>",
+            )
+        path.append(part)
+    if override.is_add() or override.is_force_add():
+        raise ConfigError(
+            key,
+            _text(override),
+            "the schema is fixed; '+' adds nothing here",
+            f"drop the '+': {key}={_text(override)}",
+        )
+
+
+def _reject_extra_keys(node: Any, prefix: str) -> None:
+    """Keys a YAML file or `+` override grafted onto a structured node (OmegaConf allows it)."""
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    if is_dataclass(schema):
+        known = {f.name for f in fields(schema)}
+        for key in node:
+            if key not in known:
+                raise ConfigError(
+                    _join(prefix.split(".") if prefix else [], str(key)),
+                    node[key],
+                    f"unknown key{did_you_mean(str(key), known)}",
+                    f"valid keys: {one_of(known)}",
+                )
+    for key in node:
+        _reject_extra_keys(node._get_node(key), _join(prefix.split(".") if prefix else [], str(key)))
+
+
+def _sweep_points(parsed: list[Override]) -> list[list[str]]:
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(point) for batch in batches for point in batch]
+
+
+def _parse(overrides: list[str]) -> list[Override]:
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(
+            "override",
+            " ".join(overrides),
+            f"cannot parse: {_first_line(err)}",
+            "write overrides as key=value, e.g. train.steps=100",
+        ) from None
+
+
+def _values(override: Override) -> list[str]:
+    if override.is_sweep_override():
+        return [str(v) for v in override.sweep_iterator()]
+    return [str(override.value())]
+
+
+def _text(override: Override) -> str:
+    """The value as typed (also for sweeps, which Hydra will not stringify)."""
+    return override.input_line.split("=", 1)[1] if "=" in override.input_line else ""
+
+
+def _join(path: list[str], key: str) -> str:
+    return ".".join([*path, key]) if path else key
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def world_size_from_env() -> int:
+    return DistEnv.from_environ(os.environ).world_size

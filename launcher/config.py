@@ -1,0 +1,250 @@
+"""The config schema: dataclasses registered in Hydra's ConfigStore.
+
+YAML files in `conf/` only choose and tweak; these classes define what keys exist, their types and
+defaults. Code receives `OmegaConf.to_object(cfg)`, i.e. instances of these classes, never raw dicts.
+Groups with several shapes (`parallel`, `comm_hook`, `optim`, `logger`, `recipe`) are typed `Any` here;
+each option's YAML pulls in its own schema (`/schema/<group>/<option>@_here_`), and code dispatches
+on the schema's type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+# Enum member names equal their values so OmegaConf's error lists the spellings users type.
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class LRSchedule(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class RunConfig:
+    root: str = "runs"
+    """Parent of default run directories: `<root>/<recipe>/<run id>`."""
+    id: str | None = None
+    """Run id. Default: SLURM_JOB_ID, else torchrun's run id, else a timestamp chosen by rank 0."""
+    dir: str | None = None
+    """The run directory itself (overrides root/id). Must be the same path on every rank."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to train for (not micro-steps)."""
+    micro_batch_size: int = 8
+    """Samples per rank per forward/backward."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step. Global batch = micro_batch_size * grad_accum_steps * dp size."""
+    eval_every: int = 50
+    """Evaluate on the held-out split every N steps and at the end; 0 turns evaluation off."""
+    eval_batches: int = 10
+    """Eval batches per rank (the same ones every time); 0 = the whole eval split."""
+    log_every: int = 10
+    """Write a metrics line every N steps (and at the last step)."""
+    stop_at_step: int | None = None
+    """Stop after this step with a checkpoint, as if preempted; the LR schedule still spans `steps`.
+    A later run with resume=auto continues. For time-boxed jobs and for testing resume."""
+    seed: int = 0
+    """Seeds model init (same on every rank), data order, and per-rank RNG (seed + rank)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): bit-reproducible kernels where torch has them."""
+    activation_checkpointing: bool = False
+    """Recompute each of the recipe's blocks in backward instead of storing activations."""
+    compile: bool = False
+    """torch.compile the model (after the parallel wrapper, so DDP's bucketing is graph-aware)."""
+
+
+@dataclass
+class LoaderConfig:
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker loads ahead; only used when num_workers > 0."""
+    pin_memory: bool = True
+    """Page-locked host batches for async copies; only takes effect on CUDA."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save every N steps; 0 = only the final checkpoint."""
+    keep: int = 2
+    """Complete checkpoints to keep (oldest deleted first)."""
+
+
+@dataclass
+class DistConfig:
+    timeout_s: float = 600.0
+    """Collective timeout: a stuck rank ends the job after this long instead of hanging."""
+    backend: Backend = Backend.auto
+    """auto = nccl when CUDA is available, else gloo."""
+
+
+@dataclass
+class MetricsConfig:
+    peak_tflops: float | None = None
+    """Per-device peak TFLOP/s for MFU; default from the GPU name (bf16 dense). No MFU on CPU."""
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Precision = Precision.fp32
+    """fp32, bf16 (autocast), or fp16 (autocast + dynamic loss scaling with GradScaler)."""
+    init_scale: float = 65536.0
+    """fp16 only: the GradScaler's initial loss scale."""
+    growth_interval: int = 2000
+    """fp16 only: steps without inf/NaN before the loss scale doubles."""
+
+
+# --- groups with one schema per option -------------------------------------------------------
+
+
+@dataclass
+class DDPConfig:
+    bucket_cap_mb: float = 25.0
+    """Gradient bucket size for DDP's overlapped all-reduce."""
+    gradient_as_bucket_view: bool = True
+    """Gradients alias the all-reduce buckets: saves one gradient-sized copy."""
+    find_unused_parameters: bool = False
+    """Needed only if some parameters get no gradient in a step; costs a graph walk per step."""
+    broadcast_buffers: bool = True
+    """Broadcast rank 0's buffers (e.g. BatchNorm stats) at each forward."""
+
+
+@dataclass
+class NoCommHookConfig:
+    """Plain DDP all-reduce, no gradient compression."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate (reached after warmup)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay; not applied to biases and norm weights (tensors with ndim < 2)."""
+    warmup_steps: int = 0
+    """Linear warmup from lr/warmup_steps to lr over this many optimizer steps."""
+    schedule: LRSchedule = LRSchedule.cosine
+    """Decay after warmup: cosine or linear down to lr * min_lr_ratio, or constant."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 = no clipping (the norm is still logged)."""
+
+
+@dataclass
+class AdamWConfig(OptimConfig):
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam's (beta1, beta2)."""
+    eps: float = 1e-8
+    """Adam's epsilon."""
+    fused: bool | None = None
+    """Fused kernel; default: on for CUDA, off on CPU."""
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    momentum: float = 0.9
+    """Momentum factor (0 = plain SGD)."""
+    nesterov: bool = False
+    """Nesterov momentum (needs momentum > 0)."""
+
+
+@dataclass
+class ConsoleLoggerConfig:
+    progress_bar: bool = True
+    """Rank-0 progress bar when stderr is a terminal; otherwise a plain line per logged step."""
+
+
+@dataclass
+class WandbLoggerConfig(ConsoleLoggerConfig):
+    project: str = "launcher"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user)."""
+    mode: WandbMode = WandbMode.offline
+    """offline by default: nothing leaves the machine; `wandb sync <run.dir>/wandb` uploads later."""
+    group: str | None = None
+    """wandb group, e.g. a sweep name."""
+    tags: list[str] = field(default_factory=list)
+    """wandb tags."""
+
+
+@dataclass
+class Config:
+    recipe: Any = MISSING
+    """The recipe's own config (its `Config` dataclass)."""
+    parallel: Any = MISSING
+    """Parallelism strategy: `ddp` (and its fields)."""
+    comm_hook: Any = MISSING
+    """DDP communication hook: `none`."""
+    optim: Any = MISSING
+    """Optimizer and learning-rate schedule: `adamw` or `sgd`."""
+    logger: Any = MISSING
+    """`console` or `wandb` (rank 0 only)."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in run.dir (none: start fresh);
+    never: start fresh; or a path to a checkpoint directory."""
+
+
+# Group name -> {option schema name -> dataclass}. YAML option files pull these in by name.
+GROUP_SCHEMAS: dict[str, dict[str, type]] = {
+    "parallel": {"ddp": DDPConfig},
+    "comm_hook": {"none": NoCommHookConfig},
+    "optim": {"adamw": AdamWConfig, "sgd": SGDConfig},
+    "logger": {"console": ConsoleLoggerConfig, "wandb": WandbLoggerConfig},
+}
+
+# Groups the user picks with `group=option` on the command line.
+GROUPS = ("recipe", "parallel", "comm_hook", "precision", "optim", "logger")
+
+
+def register_schemas() -> None:
+    """Put the top-level schema and every option schema into Hydra's ConfigStore."""
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for group, options in GROUP_SCHEMAS.items():
+        for name, schema in options.items():
+            store.store(group=f"schema/{group}", name=name, node=schema)
+
+
+def register_recipe_schema(name: str, config_class: type, *, as_option: bool = False) -> None:
+    """Register a recipe's config dataclass.
+
+    Built-in recipes are stored as `schema/recipe/<name>` and selected through `conf/recipe/<name>.yaml`;
+    a user's recipe given by import path is stored directly as the option `recipe/<import path>`.
+    """
+    group = "recipe" if as_option else "schema/recipe"
+    ConfigStore.instance().store(group=group, name=name, node=config_class)

@@ -1,0 +1,181 @@
+"""Process groups: who we are (from torchrun's or Slurm's environment), init, and teardown.
+
+`dist_session` is the only place that calls `init_process_group`. One device per local rank; NCCL
+when CUDA is available, gloo otherwise; a timeout on every collective; the group is destroyed on
+every exit path, exceptions included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from launcher.config import Backend, DistConfig
+from launcher.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job, read from the environment before any process group exists."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
+    launched_by: str = "python"
+    """torchrun, slurm (srun without torchrun) or python (a single process)."""
+    run_id: str | None = None
+    """torchrun's rendezvous run id (stable across its restarts), if it set a real one."""
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> DistEnv:
+        """torchrun sets RANK & co.; srun alone sets SLURM_PROCID & co.; neither means one process."""
+        if "RANK" in environ and "WORLD_SIZE" in environ:
+            run_id = environ.get("TORCHELASTIC_RUN_ID")
+            return cls(
+                rank=int(environ["RANK"]),
+                local_rank=int(environ.get("LOCAL_RANK", 0)),
+                world_size=int(environ["WORLD_SIZE"]),
+                local_world_size=int(environ.get("LOCAL_WORLD_SIZE", 1)),
+                master_addr=environ.get("MASTER_ADDR"),
+                master_port=int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else None,
+                launched_by="torchrun",
+                run_id=run_id if run_id and run_id != "none" else None,
+            )
+        if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", 1)) > 1:
+            return cls(
+                rank=int(environ["SLURM_PROCID"]),
+                local_rank=int(environ.get("SLURM_LOCALID", 0)),
+                world_size=int(environ["SLURM_NTASKS"]),
+                local_world_size=int(environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+                master_addr=environ.get("MASTER_ADDR"),
+                master_port=int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else None,
+                launched_by="slurm",
+            )
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class DistSession:
+    """The live process group (or none, for one process) and the collectives the launcher uses.
+
+    Every helper works unchanged with one process, so callers never branch on world size.
+    """
+
+    def __init__(self, env: DistEnv, device: torch.device, backend: str | None) -> None:
+        self.env, self.device, self.backend = env, device, backend
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    @property
+    def initialized(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.initialized:
+            # gloo's barrier is a collective with the timeout; NCCL needs the device named.
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Tensor:
+        """In-place all-reduce (sum, max, min or avg); identity with one process."""
+        if self.initialized:
+            ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+            if op == "avg":
+                dist.all_reduce(tensor, dist.ReduceOp.SUM, group=group)
+                tensor /= dist.get_world_size(group)
+            else:
+                dist.all_reduce(tensor, ops[op], group=group)
+        return tensor
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.initialized:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.initialized:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_agree(self, flag: bool) -> bool:
+        """True only if `flag` is true on every rank."""
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        return bool(self.all_reduce(t, "min").item())
+
+
+def pick_device(env: DistEnv, backend: Backend) -> torch.device:
+    if backend == Backend.gloo or not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if env.local_rank >= count:
+        raise ConfigError(
+            "nproc_per_node",
+            env.local_world_size,
+            f"local rank {env.local_rank} has no GPU: only {count} visible",
+            f"start at most {count} processes per node (torchrun --nproc_per_node={count})",
+        )
+    return torch.device("cuda", env.local_rank)
+
+
+@contextmanager
+def dist_session(env: DistEnv, cfg: DistConfig) -> Iterator[DistSession]:
+    """Initialise the process group (if more than one process) and always destroy it."""
+    device = pick_device(env, cfg.backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = None
+    if env.world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = dict(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(seconds=cfg.timeout_s),
+        )
+        if env.launched_by == "slurm":
+            if not env.master_addr or not env.master_port:
+                raise ConfigError(
+                    "MASTER_ADDR/MASTER_PORT",
+                    "unset",
+                    "srun without torchrun needs a rendezvous address",
+                    "export MASTER_ADDR=<first node> MASTER_PORT=<free port> in the sbatch",
+                )
+            kwargs["init_method"] = f"tcp://{env.master_addr}:{env.master_port}"
+        if backend == "nccl":
+            kwargs["device_id"] = device  # eager NCCL init: errors surface here, not at the first collective
+        dist.init_process_group(**kwargs)
+        log.info("process group up: backend=%s world_size=%d device=%s", backend, env.world_size, device)
+    try:
+        yield DistSession(env, device, backend)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,53 @@
+"""Parallelism strategies, one per `parallel=` option, chosen by the type of `cfg.parallel`.
+
+A strategy owns the model on this rank: it builds it from the recipe, wraps it, and runs one
+optimizer step's forward and backward. The training loop calls the same methods whatever the
+strategy is; the recipe never sees a process group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from launcher.config import Config, DDPConfig
+from launcher.dist import DistSession
+from launcher.precision import MixedPrecision
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Strategy(Protocol):
+    module: nn.Module
+    """This rank's model (or model part), unwrapped: for the optimizer and state dicts."""
+    dp_rank: int
+    dp_size: int
+    shard: str
+    """Suffix of this rank's model/optimizer checkpoint files ('' when every rank holds the whole model)."""
+    writes_shared_state: bool
+    """Whether this rank writes its shard's model/optimizer files (one rank per shard does)."""
+
+    def forward_backward(
+        self, micro_batches: list[Batch], loss_fn: LossFn, amp: MixedPrecision
+    ) -> torch.Tensor:
+        """Accumulate gradients over the micro-batches; return the step's mean loss (detached)."""
+
+    def eval_forward(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Outputs for `inputs` on ranks that produce them, else None. Called under no_grad."""
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global gradient norm (over all parameters of the whole model); clip if max_norm > 0."""
+
+    def mean_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Collective: the loss averaged over data-parallel ranks (valid on rank 0)."""
+
+
+def build_strategy(cfg: Config, recipe: Any, session: DistSession) -> Strategy:
+    from launcher.parallel.ddp import DDPStrategy
+
+    strategies: dict[type, Callable[..., Strategy]] = {DDPConfig: DDPStrategy}
+    return strategies[type(cfg.parallel)](cfg, recipe, session)

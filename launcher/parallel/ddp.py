@@ -1,0 +1,76 @@
+"""Data parallelism: a full replica per rank, gradients averaged by DDP's bucketed all-reduce."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from launcher.activation_checkpointing import checkpoint_blocks
+from launcher.config import Config
+from launcher.dist import DistSession
+from launcher.parallel import Batch, LossFn
+from launcher.precision import MixedPrecision
+from launcher.recipe import block_layout, resolve_blocks
+
+
+class DDPStrategy:
+    def __init__(self, cfg: Config, recipe: Any, session: DistSession) -> None:
+        self.session = session
+        self.dp_rank, self.dp_size = session.rank, session.world_size
+        self.shard, self.writes_shared_state = "", session.is_main
+        torch.manual_seed(cfg.train.seed)  # the same init on every rank, and as in a 1-process run
+        model = recipe.build_model()
+        if cfg.train.activation_checkpointing:
+            checkpoint_blocks(resolve_blocks(model, block_layout(recipe)))
+        self.module = model.to(session.device)
+        self.model: torch.nn.Module = self.module
+        if self.dp_size > 1:
+            p = cfg.parallel
+            # Pass broadcast_buffers only when turned off: torch 2.13 deprecates the argument (warning),
+            # torch 2.11 lacks its replacement; leaving it out means "sync buffers" on both.
+            extra = {} if p.broadcast_buffers else {"broadcast_buffers": False}
+            self.model = DDP(
+                self.module,
+                device_ids=[session.device.index] if session.device.type == "cuda" else None,
+                bucket_cap_mb=p.bucket_cap_mb,
+                gradient_as_bucket_view=p.gradient_as_bucket_view,
+                find_unused_parameters=p.find_unused_parameters,
+                **extra,
+            )
+        if cfg.train.compile:
+            # Compiling the DDP wrapper (not the inner module) lets Dynamo split graphs at bucket
+            # boundaries so all-reduce still overlaps backward. In place: parameter names unchanged.
+            self.model.compile()
+
+    def forward_backward(
+        self, micro_batches: list[Batch], loss_fn: LossFn, amp: MixedPrecision
+    ) -> torch.Tensor:
+        total = torch.zeros((), device=self.session.device)
+        n = len(micro_batches)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            # All micro-steps but the last skip DDP's all-reduce; the last one reduces the accumulated
+            # gradient once. no_sync must cover forward *and* backward (DDP arms its hooks in forward).
+            sync = i == n - 1 or not isinstance(self.model, DDP)
+            with nullcontext() if sync else self.model.no_sync():
+                with amp.autocast():
+                    loss = loss_fn(self.model(inputs), targets) / n
+                amp.scale(loss).backward()
+            total += loss.detach()
+        return total
+
+    def eval_forward(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        # The unwrapped module: DDP's forward may broadcast buffers, a collective that would hang if
+        # ranks run different numbers of eval batches.
+        return self.module(inputs)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+    def mean_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.session.all_reduce(loss.detach().clone(), "avg")

@@ -1,0 +1,62 @@
+"""Mixed precision: autocast for the forward pass, and loss scaling for fp16.
+
+bf16 needs no loss scaling (same exponent range as fp32). fp16 does: GradScaler multiplies the loss
+before backward and skips the optimizer step when any gradient overflowed, then lowers the scale.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from launcher.config import Precision, PrecisionConfig
+
+DTYPES = {Precision.fp32: None, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+
+
+class MixedPrecision:
+    def __init__(self, cfg: PrecisionConfig, device: torch.device) -> None:
+        self.dtype = DTYPES[cfg.dtype]
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(
+            device.type,
+            init_scale=cfg.init_scale,
+            growth_interval=cfg.growth_interval,
+            enabled=cfg.dtype == Precision.fp16,
+        )
+
+    @property
+    def scaling(self) -> bool:
+        return self.scaler.is_enabled()
+
+    def autocast(self) -> AbstractContextManager:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide gradients by the loss scale in place, so clipping sees true norms."""
+        if self.scaling:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Optimizer step; returns True if fp16 overflow made the scaler skip it."""
+        if not self.scaling:
+            optimizer.step()
+            return False
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        # The scaler lowers its scale exactly when it skipped the step for inf/NaN gradients.
+        return self.scaler.get_scale() < scale_before
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaling else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaling and state:
+            self.scaler.load_state_dict(state)

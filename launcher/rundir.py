@@ -1,0 +1,44 @@
+"""The run directory: one path, the same on every rank, chosen before anything is written."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+from launcher.config import RunConfig
+from launcher.dist import DistSession
+
+
+def run_id(cfg: RunConfig, session: DistSession) -> str:
+    """run.id, else the Slurm job id (stable across requeues), else torchrun's run id (stable across
+    its restarts), else a timestamp chosen by rank 0 and broadcast (never `${now:}` per rank)."""
+    if cfg.id:
+        return cfg.id
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and "{}_{}".format(
+        os.environ["SLURM_ARRAY_JOB_ID"], os.environ.get("SLURM_ARRAY_TASK_ID", "0")
+    )
+    job = job or os.environ.get("SLURM_JOB_ID")
+    if job:
+        return job
+    if session.env.run_id:
+        return session.env.run_id
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(2) if session.is_main else None
+    return session.broadcast_object(stamp)
+
+
+def resolve_run_dir(
+    cfg: RunConfig, recipe_name: str, sweep_job_dir: str | None, session: DistSession
+) -> Path:
+    """Create (rank 0) and return the run directory; every rank gets the same path."""
+    if cfg.dir:
+        path = Path(cfg.dir)
+    elif sweep_job_dir:
+        path = Path(sweep_job_dir)
+    else:
+        path = Path(cfg.root) / recipe_name / run_id(cfg, session)
+    if session.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+    session.barrier()
+    return path

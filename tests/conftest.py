@@ -1,0 +1,113 @@
+"""Shared helpers: run the real CLI (one process or torchrun) and read what it left on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small, fast settings shared by the CLI tests: a 2-layer byte GPT on a slice of the stdlib corpus.
+TINY_GPT = [
+    "recipe=gpt",
+    "recipe.model.d_model=32",
+    "recipe.model.n_layers=2",
+    "recipe.model.n_heads=2",
+    "recipe.model.seq_len=32",
+    "recipe.data.max_bytes=400000",
+    "train.eval_every=0",
+    "checkpoint.every=0",
+    "train.log_every=1",
+    "logger.progress_bar=false",
+]
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def metrics(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def train_lines(self) -> list[dict]:
+        return [m for m in self.metrics() if "loss" in m]
+
+    def eval_lines(self) -> list[dict]:
+        return [m for m in self.metrics() if "eval_loss" in m]
+
+    def model(self, step: int | None = None, name: str = "model.pt") -> dict[str, torch.Tensor]:
+        ckpts = self.run_dir / "checkpoints"
+        if step is None:
+            step = max(int(p.name.split("_")[1]) for p in ckpts.glob("step_*"))
+        return torch.load(ckpts / f"step_{step}" / name, weights_only=True)
+
+
+def launch(
+    args: list[str],
+    tmp_path: Path,
+    nproc: int = 0,
+    timeout: float = 300,
+    env: dict | None = None,
+    run_dir: Path | None = None,
+    torchrun_args: tuple = (),
+) -> Result:
+    """Run `python -m launcher` (nproc=0) or `torchrun --standalone --nproc_per_node=nproc -m launcher`.
+
+    The run directory defaults to tmp_path/run and is passed as run.dir.
+    """
+    run_dir = run_dir or tmp_path / "run"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *torchrun_args,
+            "-m",
+            "launcher",
+        ]
+    else:
+        cmd = [sys.executable, "-m", "launcher"]
+    proc = subprocess.run(
+        [*cmd, *args, f"run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr, run_dir)
+
+
+def assert_ok(result: Result) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.output[-4000:]}"
+
+
+def relative_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest per-tensor ||a - b|| / ||b|| over a state dict."""
+    assert a.keys() == b.keys()
+    return max(
+        ((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-12)).item() for k in a
+    )
+
+
+@pytest.fixture
+def tiny_gpt() -> list[str]:
+    return list(TINY_GPT)

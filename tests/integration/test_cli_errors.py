@@ -1,0 +1,54 @@
+"""Bad configurations exit with code 2 and one message naming the field (the real CLI)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import launch
+
+pytestmark = pytest.mark.integration
+
+# (overrides, field named in the message, a phrase of the explanation)
+BAD_CONFIGS = [
+    (["train.stepz=3"], "train.stepz", "did you mean train.steps"),
+    (["+train.foo=1"], "train.foo", "unknown key"),
+    (["precision=bf17"], "precision=bf17", "did you mean bf16"),
+    (["recipe=nosuch"], "recipe=nosuch", "choose one of: digits, gpt"),
+    (["train.steps=abc"], "train.steps=abc", "could not be converted to Integer"),
+    (["precision.dtype=int8"], "precision.dtype=int8", "expected one of [fp32, bf16, fp16]"),
+    (["train.steps=-1"], "train.steps=-1", "must be >= 1"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size=0", "must be >= 1"),
+    (["optim.lr=0"], "optim.lr=0", "must be > 0"),
+    (["optim.betas=[0.9]"], "optim.betas", "two numbers"),
+    (["optim=sgd", "optim.momentum=0", "optim.nesterov=true"], "optim.nesterov", "needs optim.momentum > 0"),
+    (["recipe.model.n_heads=3"], "recipe.model.n_heads=3", "must divide recipe.model.d_model"),
+    (["resume=/does/not/exist"], "resume=/does/not/exist", "resume=auto"),
+    (["dist.backend=nccl"], "dist.backend=nccl", "needs CUDA"),
+    (["recipe=my_missing_pkg.mod:Recipe"], "recipe=my_missing_pkg.mod:Recipe", "cannot import"),
+    (["recipe.data.path=/no/such/corpus.txt"], "recipe.data.path", "does not exist"),
+    (
+        ["train.stop_at_step=500", "train.steps=100"],
+        "train.stop_at_step=500",
+        "must be in [1, train.steps=100]",
+    ),
+    (["checkpoint.keep=0"], "checkpoint.keep=0", "must be >= 1"),
+    (["recipe=digits", "train.micro_batch_size=100000"], "train.micro_batch_size=100000", "larger than"),
+    (["optim.lr=0.1,0.2"], "optim.lr", "add -m"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,phrase", BAD_CONFIGS, ids=[" ".join(c[0]) for c in BAD_CONFIGS])
+def test_bad_config_exits_2_naming_the_field(overrides, field, phrase, tmp_path):
+    result = launch(overrides, tmp_path, timeout=120)
+    assert result.returncode == 2, result.output[-2000:]
+    assert f"invalid config: {field}" in result.stderr
+    assert phrase in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_config_under_torchrun_reported_once_by_rank_0(tmp_path):
+    result = launch(["train.stepz=3"], tmp_path, nproc=2, timeout=120)
+    assert result.returncode != 0
+    assert result.output.count("invalid config: train.stepz=3") == 1
+    assert "exitcode  : 2" in result.output  # every worker exited 2; torchrun itself reports failure
