@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -60,17 +59,19 @@ def _step_of(line: str) -> int:
 
 
 def flops_per_micro_batch(
-    model: nn.Module,
+    build_model: Callable[[], nn.Module],
     inputs: torch.Tensor,
     targets: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> float | None:
-    """Forward + backward FLOPs for one micro-batch, counted on a meta-device copy (no real compute).
+    """Forward + backward FLOPs of the whole model for one micro-batch, counted on the meta device
+    (no memory, no compute). Activation-checkpointing recompute is not counted, as MFU requires.
 
     Returns None (and MFU is not logged) if some op cannot run on the meta device.
     """
     try:
-        meta_model = copy.deepcopy(model).to("meta")
+        with torch.device("meta"):
+            meta_model = build_model()
         counter = FlopCounterMode(display=False)
         with counter:
             loss = loss_fn(meta_model(inputs.to("meta")), targets.to("meta"))

@@ -30,7 +30,7 @@ def test_ddp_two_ranks_match_one_process_with_double_batch(tmp_path):
     single = run(tmp_path, "single", nproc=0, micro=8)
     assert relative_diff(ddp.model(), single.model()) < TOLERANCE
     # The logged loss is the mean over ranks, i.e. the loss of the whole global batch.
-    for a, b in zip(ddp.train_lines(), single.train_lines()):
+    for a, b in zip(ddp.train_lines(), single.train_lines(), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["global_batch_size"] == b["global_batch_size"] == 8
     # The run before any step differs from the one after: the comparison is not vacuous.

@@ -1,0 +1,31 @@
+"""On a CUDA machine: NCCL process groups, bf16, fused AdamW, MFU and memory in metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import TINY_GPT, assert_ok, launch, relative_diff
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+def test_bf16_on_one_gpu_logs_mfu_and_memory(tmp_path):
+    result = launch([*TINY_GPT, "train.steps=5", "precision=bf16"], tmp_path, nproc=1, env=ENV)
+    assert_ok(result)
+    last = result.train_lines()[-1]
+    assert 0 < last["mfu"] < 1 and last["max_mem_allocated_gib"] > 0
+    optimizer = torch.load(result.run_dir / "checkpoints" / "step_5" / "optimizer.pt", weights_only=True)
+    assert optimizer["optimizer"]["param_groups"][0]["fused"] is True
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_ddp_matches_one_gpu_fp32(tmp_path):
+    args = [*TINY_GPT, "train.steps=5", "optim.lr=3e-3", "optim.warmup_steps=2"]
+    ddp = launch([*args, "train.micro_batch_size=4"], tmp_path, nproc=2, env=ENV, run_dir=tmp_path / "ddp")
+    single = launch([*args, "train.micro_batch_size=8"], tmp_path, nproc=1, env=ENV, run_dir=tmp_path / "one")
+    assert_ok(ddp)
+    assert_ok(single)
+    assert "backend=nccl" in ddp.output
+    assert relative_diff(ddp.model(), single.model()) < 1e-5
