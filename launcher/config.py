@@ -36,6 +36,24 @@ class Backend(str, Enum):
     gloo = "gloo"
 
 
+# Names like "1f1b" are not identifiers, hence the functional form.
+PipelineSchedule = Enum(
+    "PipelineSchedule",
+    [
+        (name, name)
+        for name in (
+            "gpipe",
+            "1f1b",
+            "interleaved_1f1b",
+            "looped_bfs",
+            "interleaved_zero_bubble",
+            "zbv_zero_bubble",
+        )
+    ],
+    type=str,
+)
+
+
 class WandbMode(str, Enum):
     offline = "offline"
     online = "online"
@@ -137,6 +155,26 @@ class DDPConfig:
 
 
 @dataclass
+class PipelineConfig:
+    pp: int = 2
+    """Pipeline stages' ranks: each rank holds 1/pp of the model's blocks."""
+    dp: int = -1
+    """Data-parallel replicas of the whole pipeline; -1 = world_size // pp. Ranks = dp * pp."""
+    schedule: PipelineSchedule = PipelineSchedule["1f1b"]
+    """gpipe, 1f1b (one stage per rank); interleaved_1f1b, looped_bfs, interleaved_zero_bubble,
+    zbv_zero_bubble (several stages per rank; zero-bubble ones exclude train.compile)."""
+    num_microbatches: int = 4
+    """Microbatches each per-rank batch (train.micro_batch_size samples) is split into; must divide it."""
+    stages_per_rank: int | None = None
+    """Virtual stages per rank; default 1 for gpipe/1f1b, 2 for the multi-stage schedules."""
+    split_points: list[str] = field(default_factory=list)
+    """Explicit stage boundaries as the first block of each stage after the first, e.g.
+    [blocks.4, blocks.8]; empty = balance blocks by parameter count (embeddings count zero)."""
+    bucket_cap_mb: float = 25.0
+    """Bucket size of the gradient all-reduce over each stage's data-parallel group."""
+
+
+@dataclass
 class NoCommHookConfig:
     """Plain DDP all-reduce, no gradient compression."""
 
@@ -200,7 +238,7 @@ class Config:
     recipe: Any = MISSING
     """The recipe's own config (its `Config` dataclass)."""
     parallel: Any = MISSING
-    """Parallelism strategy: `ddp` (and its fields)."""
+    """Parallelism strategy: `ddp` or `pipeline` (and its fields)."""
     comm_hook: Any = MISSING
     """DDP communication hook: `none`."""
     optim: Any = MISSING
@@ -221,7 +259,7 @@ class Config:
 
 # Group name -> {option schema name -> dataclass}. YAML option files pull these in by name.
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
-    "parallel": {"ddp": DDPConfig},
+    "parallel": {"ddp": DDPConfig, "pipeline": PipelineConfig},
     "comm_hook": {"none": NoCommHookConfig},
     "optim": {"adamw": AdamWConfig, "sgd": SGDConfig},
     "logger": {"console": ConsoleLoggerConfig, "wandb": WandbLoggerConfig},

@@ -110,16 +110,19 @@ def eval_batches(
     max_batches: int,
     cfg: LoaderConfig,
     device: torch.device,
+    drop_last: bool = False,
 ) -> Iterator[Batch]:
     """The same eval batches every time: this rank's shard (every dp_size-th sample), in order.
 
-    Shards differ in size by at most one sample; callers weight results by batch size.
+    Shards differ in size by at most one sample; callers weight results by batch size. `drop_last`
+    drops a final partial batch (pipelines need every batch the same shape).
     """
     indices = list(range(dp_rank, len(dataset), dp_size))
     loader = DataLoader(
         torch.utils.data.Subset(dataset, indices),
         batch_size=micro_batch_size,
         shuffle=False,
+        drop_last=drop_last,
         generator=torch.Generator().manual_seed(0),
         **_loader_kwargs(cfg, device),
     )

@@ -25,6 +25,10 @@ class MixedPrecision:
             growth_interval=cfg.growth_interval,
             enabled=cfg.dtype == Precision.fp16,
         )
+        if self.scaling:
+            # GradScaler creates its scale on the first scale() call; pipeline stages before the last
+            # never scale a loss, yet unscale their gradients: create it now on every rank.
+            self.scaler.scale(torch.zeros((), device=device))
 
     @property
     def scaling(self) -> bool:
@@ -43,16 +47,23 @@ class MixedPrecision:
         if self.scaling:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Optimizer step; returns True if fp16 overflow made the scaler skip it."""
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> bool:
+        """Optimizer step; with fp16, skipped (returns True) when the gradients overflowed.
+
+        `grad_norm` is the norm over the whole model (all pipeline stages), so every rank decides the
+        same: a stage whose own gradients are finite must still skip when another stage's are not.
+        """
         if not self.scaling:
             optimizer.step()
             return False
-        scale_before = self.scaler.get_scale()
+        if not torch.isfinite(grad_norm).item():
+            # What GradScaler does on overflow, decided globally: skip, back off, restart growth count.
+            self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            self.scaler._growth_tracker.fill_(0)  # no public setter; update(new_scale) leaves it
+            return True
         self.scaler.step(optimizer)
         self.scaler.update()
-        # The scaler lowers its scale exactly when it skipped the step for inf/NaN gradients.
-        return self.scaler.get_scale() < scale_before
+        return False
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict() if self.scaling else {}

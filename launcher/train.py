@@ -117,7 +117,7 @@ def train(job: Job, session: DistSession, run_dir: Path) -> None:
         amp.unscale_(optimizer)
         grad_norm = strategy.clip_grad_norm_(cfg.optim.grad_clip)
         lr = scheduler.get_last_lr()[0]
-        if amp.step(optimizer):
+        if amp.step(optimizer, grad_norm):
             progress.skipped_steps += 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -139,8 +139,8 @@ def train(job: Job, session: DistSession, run_dir: Path) -> None:
             }
             if amp.scaling:
                 record.update(skipped_steps=progress.skipped_steps, loss_scale=amp.scaler.get_scale())
-            if flops_per_step and peak:
-                record["mfu"] = flops_per_step / step_time / peak
+            if flops_per_step and peak:  # per device: the model's FLOPs are spread over its pipeline ranks
+                record["mfu"] = flops_per_step / strategy.model_parallel_size / step_time / peak
             record.update(memory_stats(session.device))
             if session.is_main:
                 metrics.write(record)
@@ -181,9 +181,10 @@ def evaluate(
             cfg.train.eval_batches,
             cfg.loader,
             session.device,
+            drop_last=strategy.fixed_batch_shape,
         ):
             with amp.autocast():
-                outputs = strategy.eval_forward(inputs)
+                outputs = strategy.eval_forward(inputs, targets)
             if outputs is None:
                 continue
             n = len(targets)
@@ -222,7 +223,7 @@ class CheckpointState:
     def meta(self) -> dict[str, Any]:
         return {
             "world_size": self.session.world_size,
-            "dp_size": self.strategy.dp_size,
+            "parallel": self.strategy.layout_id,
             "skipped_steps": self.progress.skipped_steps,
         }
 
@@ -248,6 +249,11 @@ class CheckpointState:
             raise CheckpointError(
                 f"{path} was saved by {meta.get('world_size')} processes, this run has "
                 f"{self.session.world_size}; resume with the same number of processes"
+            )
+        if meta.get("parallel", self.strategy.layout_id) != self.strategy.layout_id:
+            raise CheckpointError(
+                f"{path} was saved under '{meta['parallel']}', this run is '{self.strategy.layout_id}'; "
+                "resume with the same parallel settings"
             )
         return {
             "meta": meta,

@@ -13,6 +13,7 @@ import torch
 
 from launcher.config import AdamWConfig, Backend, Config, DDPConfig, SGDConfig, WandbLoggerConfig
 from launcher.errors import ConfigError
+from launcher.parallel import check_parallel
 from launcher.recipe import block_layout
 
 
@@ -79,6 +80,7 @@ def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
             f"recipe {recipe_class.__name__} declares no blocks (no `layout` attribute)",
             "set train.activation_checkpointing=false, or give the recipe a BlockLayout",
         )
+    check_parallel(cfg, recipe_class, world_size)
     _check_resume(cfg.resume)
     _check_run_dir(cfg.run.dir)
 

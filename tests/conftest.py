@@ -71,7 +71,15 @@ def launch(
     The run directory defaults to tmp_path/run and is passed as run.dir.
     """
     run_dir = run_dir or tmp_path / "run"
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    # The repo on the path: tests may name helper recipes under tests/ by import path.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": path,
+        **(env or {}),
+    }
     if nproc:
         cmd = [
             sys.executable,

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from launcher.config import Config, DDPConfig
+from launcher.config import Config, DDPConfig, PipelineConfig
 from launcher.dist import DistSession
 from launcher.precision import MixedPrecision
 
@@ -30,13 +30,19 @@ class Strategy(Protocol):
     """Suffix of this rank's model/optimizer checkpoint files ('' when every rank holds the whole model)."""
     writes_shared_state: bool
     """Whether this rank writes its shard's model/optimizer files (one rank per shard does)."""
+    model_parallel_size: int
+    """Ranks one model replica is spread over (pp); each does 1/model_parallel_size of the FLOPs."""
+    layout_id: str
+    """The parallel layout; a checkpoint resumes only under the same one."""
+    fixed_batch_shape: bool
+    """Eval batches must all be full (pipeline buffers have a fixed shape)."""
 
     def forward_backward(
         self, micro_batches: list[Batch], loss_fn: LossFn, amp: MixedPrecision
     ) -> torch.Tensor:
         """Accumulate gradients over the micro-batches; return the step's mean loss (detached)."""
 
-    def eval_forward(self, inputs: torch.Tensor) -> torch.Tensor | None:
+    def eval_forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Outputs for `inputs` on ranks that produce them, else None. Called under no_grad."""
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -48,6 +54,18 @@ class Strategy(Protocol):
 
 def build_strategy(cfg: Config, recipe: Any, session: DistSession) -> Strategy:
     from launcher.parallel.ddp import DDPStrategy
+    from launcher.parallel.pipeline import PipelineStrategy
 
-    strategies: dict[type, Callable[..., Strategy]] = {DDPConfig: DDPStrategy}
+    strategies: dict[type, Callable[..., Strategy]] = {
+        DDPConfig: DDPStrategy,
+        PipelineConfig: PipelineStrategy,
+    }
     return strategies[type(cfg.parallel)](cfg, recipe, session)
+
+
+def check_parallel(cfg: Config, recipe_class: type, world_size: int) -> None:
+    """The chosen strategy's own config checks (before any process group). Raises ConfigError."""
+    if isinstance(cfg.parallel, PipelineConfig):
+        from launcher.parallel.pipeline import check_pipeline
+
+        check_pipeline(cfg, recipe_class, world_size)

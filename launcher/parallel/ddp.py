@@ -21,6 +21,8 @@ class DDPStrategy:
         self.session = session
         self.dp_rank, self.dp_size = session.rank, session.world_size
         self.shard, self.writes_shared_state = "", session.is_main
+        self.model_parallel_size, self.fixed_batch_shape = 1, False
+        self.layout_id = f"ddp dp={self.dp_size}"
         torch.manual_seed(cfg.train.seed)  # the same init on every rank, and as in a 1-process run
         model = recipe.build_model()
         if cfg.train.activation_checkpointing:
@@ -61,7 +63,7 @@ class DDPStrategy:
             total += loss.detach()
         return total
 
-    def eval_forward(self, inputs: torch.Tensor) -> torch.Tensor | None:
+    def eval_forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         # The unwrapped module: DDP's forward may broadcast buffers, a collective that would hang if
         # ranks run different numbers of eval batches.
         return self.module(inputs)

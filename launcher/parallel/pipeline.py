@@ -1,0 +1,242 @@
+"""Pipeline parallelism (torch.distributed.pipelining), composable with data parallelism.
+
+Ranks form a (pp, dp) mesh. Each rank builds the whole model with the shared seed (so the init equals
+a one-process run), keeps the blocks of its stage(s) and drops the rest. One optimizer step runs the
+schedule once per gradient-accumulation micro-step; then gradients are averaged over the stage's
+data-parallel group by GradReducer (not DDP: see grad_reduce.py), and clipped by the global norm of
+all stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+from launcher.activation_checkpointing import checkpoint_blocks
+from launcher.config import Config, PipelineConfig
+from launcher.dist import DistSession
+from launcher.errors import ConfigError
+from launcher.parallel import Batch, LossFn
+from launcher.parallel.dims import ParallelDims
+from launcher.parallel.grad_reduce import GradReducer
+from launcher.parallel.split import ModelPart, StageModule, plan_stages, stage_ids_for_rank
+from launcher.precision import MixedPrecision
+from launcher.recipe import block_layout
+
+# Our names -> torch's schedule class names (get_schedule_class is case-insensitive).
+SCHEDULES = {
+    "gpipe": "GPipe",
+    "1f1b": "1F1B",
+    "interleaved_1f1b": "Interleaved1F1B",
+    "looped_bfs": "LoopedBFS",
+    "interleaved_zero_bubble": "InterleavedZeroBubble",
+    "zbv_zero_bubble": "ZBVZeroBubble",
+}
+ZERO_BUBBLE = {"interleaved_zero_bubble", "zbv_zero_bubble"}
+
+
+def schedule_class(name: str) -> type:
+    return get_schedule_class(SCHEDULES[name])
+
+
+def is_multi_stage(name: str) -> bool:
+    return not issubclass(schedule_class(name), PipelineScheduleSingle)
+
+
+def stages_per_rank(cfg: PipelineConfig) -> int:
+    if cfg.stages_per_rank is not None:
+        return cfg.stages_per_rank
+    return 2 if is_multi_stage(cfg.schedule.value) else 1
+
+
+def check_pipeline(cfg: Config, recipe_class: type, world_size: int) -> None:
+    """Pipeline-specific config checks, before any process group exists. Raises ConfigError."""
+    p, name = cfg.parallel, cfg.parallel.schedule.value
+    dims = ParallelDims.resolve(p.pp, p.dp, world_size)
+    per_rank = stages_per_rank(p)
+    num_stages = dims.pp * per_rank
+    if is_multi_stage(name) and per_rank < 2:
+        raise ConfigError(
+            "parallel.stages_per_rank",
+            per_rank,
+            f"schedule {name} runs several stages per rank",
+            "use parallel.stages_per_rank=2 (or leave it unset)",
+        )
+    if not is_multi_stage(name) and per_rank != 1:
+        raise ConfigError(
+            "parallel.stages_per_rank",
+            per_rank,
+            f"schedule {name} runs one stage per rank",
+            "use parallel.schedule=interleaved_1f1b for several stages per rank",
+        )
+    if name == "zbv_zero_bubble" and per_rank != 2:
+        raise ConfigError(
+            "parallel.stages_per_rank",
+            per_rank,
+            "zbv_zero_bubble needs exactly 2 stages per rank",
+            "use parallel.stages_per_rank=2",
+        )
+    nmb = p.num_microbatches
+    if nmb < 1:
+        raise ConfigError("parallel.num_microbatches", nmb, "must be >= 1")
+    if cfg.train.micro_batch_size % nmb:
+        divisors = [
+            d for d in range(1, cfg.train.micro_batch_size + 1) if cfg.train.micro_batch_size % d == 0
+        ]
+        raise ConfigError(
+            "parallel.num_microbatches",
+            nmb,
+            f"does not divide train.micro_batch_size={cfg.train.micro_batch_size}, the per-rank "
+            "batch each pipeline step splits into microbatches",
+            f"use one of {divisors}, or change train.micro_batch_size",
+        )
+    if name in ("1f1b", "zbv_zero_bubble") and nmb < num_stages:
+        raise ConfigError(
+            "parallel.num_microbatches",
+            nmb,
+            f"{name} needs at least as many microbatches as stages ({num_stages})",
+            f"use parallel.num_microbatches>={num_stages}",
+        )
+    rounds = max(1, nmb // dims.pp)
+    if name in ("interleaved_1f1b", "interleaved_zero_bubble") and nmb % rounds:
+        raise ConfigError(
+            "parallel.num_microbatches",
+            nmb,
+            f"{name} needs a multiple of parallel.pp={dims.pp} (or fewer microbatches than pp)",
+            f"use a multiple of {dims.pp} that divides train.micro_batch_size",
+        )
+    if name in ZERO_BUBBLE and cfg.train.compile:
+        raise ConfigError(
+            "train.compile",
+            True,
+            f"zero-bubble schedules ({name}) do not support torch.compile",
+            "use train.compile=false, or parallel.schedule=1f1b / interleaved_1f1b",
+        )
+    if block_layout(recipe_class) is None:
+        raise ConfigError(
+            "parallel",
+            "pipeline",
+            f"recipe {recipe_class.__name__} declares no blocks to split",
+            "give the recipe a `layout = BlockLayout(pre=..., blocks=..., post=...)`",
+        )
+    with torch.device("meta"):  # counts blocks and checks split points without allocating anything
+        model = recipe_class(cfg.recipe).build_model()
+    plan_stages(model, block_layout(recipe_class), num_stages, p.split_points)
+
+
+class PipelineStrategy:
+    def __init__(self, cfg: Config, recipe: Any, session: DistSession) -> None:
+        p = cfg.parallel
+        self.session = session
+        dims = ParallelDims.resolve(p.pp, p.dp, session.world_size)
+        mesh = dims.build_mesh(session.device.type)
+        self.pp_group, self.dp_group = mesh["pp"].get_group(), mesh["dp"].get_group()
+        self.pp_rank, self.dp_rank, self.dp_size = (
+            mesh["pp"].get_local_rank(),
+            mesh["dp"].get_local_rank(),
+            dims.dp,
+        )
+        self.model_parallel_size, self.fixed_batch_shape = dims.pp, True
+        self.shard, self.writes_shared_state = f"_pp{self.pp_rank}", self.dp_rank == 0
+        self.layout_id = f"pipeline pp={dims.pp} dp={dims.dp} schedule={p.schedule.value}"
+
+        name = p.schedule.value
+        per_rank = stages_per_rank(p)
+        num_stages = dims.pp * per_rank
+        layout = block_layout(recipe)
+        torch.manual_seed(cfg.train.seed)  # the whole model, initialised exactly as in a 1-process run
+        model = recipe.build_model()
+        plan = plan_stages(model, layout, num_stages, p.split_points)
+        stage_ids = stage_ids_for_rank(self.pp_rank, dims.pp, per_rank, v_shape=name == "zbv_zero_bubble")
+        specs = [plan[s] for s in stage_ids]
+        self.module = ModelPart(model, layout, specs).to(session.device)
+        del model  # the other stages' parameters go with it
+        blocks = list(self.module.get_submodule(layout.blocks).values())
+        if cfg.train.activation_checkpointing:
+            checkpoint_blocks(blocks)
+        if cfg.train.compile:
+            for block in blocks:  # per block: graphs never span the pipeline's send/recv
+                block.compile()
+        self.has_first, self.has_last = plan[0].index in stage_ids, plan[-1].index in stage_ids
+        stages = [
+            PipelineStage(
+                StageModule(self.module, layout, spec),
+                spec.index,
+                num_stages,
+                session.device,
+                group=self.pp_group,
+            )
+            for spec in specs
+        ]
+        # scale_grads=False: the loss function divides by microbatches x accumulation steps itself, so
+        # gradients accumulated over several schedule steps stay a mean (scale_grads would rescale the sum).
+        self.schedule = schedule_class(name)(
+            stages if is_multi_stage(name) else stages[0],
+            n_microbatches=p.num_microbatches,
+            loss_fn=self._loss,
+            scale_grads=False,
+        )
+        self.num_microbatches = p.num_microbatches
+        self.reducer = (
+            GradReducer(list(self.module.parameters()), self.dp_group, p.bucket_cap_mb)
+            if dims.dp > 1
+            else None
+        )
+        self._step_losses: list[torch.Tensor] = []
+        self._recipe_loss: LossFn | None = None
+        self._amp: MixedPrecision | None = None
+        self._divisor = 1
+
+    def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = self._recipe_loss(outputs, targets)
+        self._step_losses.append(loss.detach())
+        scaled = loss / self._divisor
+        return self._amp.scale(scaled) if self._amp is not None else scaled
+
+    def forward_backward(
+        self, micro_batches: list[Batch], loss_fn: LossFn, amp: MixedPrecision
+    ) -> torch.Tensor:
+        self._recipe_loss, self._amp = loss_fn, amp
+        self._divisor = self.num_microbatches * len(micro_batches)
+        losses: list[torch.Tensor] = []
+        for inputs, targets in micro_batches:
+            self._step_losses = []
+            # Autocast around the whole schedule step, as torchtitan does: the schedule runs the forwards.
+            with amp.autocast():
+                self.schedule.step(
+                    *((inputs,) if self.has_first else ()), target=targets if self.has_last else None
+                )
+            # The first step's shape inference also calls the loss, on placeholder data: keep the real ones.
+            losses += self._step_losses[-self.num_microbatches :]
+        if self.reducer is not None:
+            self.reducer.reduce()
+        if not losses:
+            return torch.zeros((), device=self.session.device)
+        return torch.stack(losses).mean()
+
+    def eval_forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        # The schedule computes the loss on the last stage even in eval, so it needs the targets.
+        outputs = self.schedule.eval(
+            *((inputs,) if self.has_first else ()), target=targets if self.has_last else None
+        )
+        return outputs if self.has_last else None
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        # Norm over the whole model: sum the squares over the pipeline's stages (data-parallel replicas
+        # hold identical, already-averaged gradients).
+        squares = torch.nn.utils.get_total_norm([p.grad for p in params]).float() ** 2
+        dist.all_reduce(squares, group=self.pp_group)
+        total = squares.sqrt()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    def mean_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        # Only last-stage ranks hold a loss; the others add zero. Collective over all ranks.
+        total = loss.detach().clone() if self.has_last else torch.zeros((), device=self.session.device)
+        return self.session.all_reduce(total, "sum") / self.dp_size
