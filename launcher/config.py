@@ -54,6 +54,12 @@ PipelineSchedule = Enum(
 )
 
 
+class CompressDtype(str, Enum):
+    none = "none"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
 class WandbMode(str, Enum):
     offline = "offline"
     online = "online"
@@ -176,7 +182,41 @@ class PipelineConfig:
 
 @dataclass
 class NoCommHookConfig:
-    """Plain DDP all-reduce, no gradient compression."""
+    """Plain all-reduce of fp32 gradients, no compression."""
+
+
+@dataclass
+class FP16CommHookConfig:
+    """Gradients cast to fp16 for the all-reduce (half the bytes) and back to fp32 after."""
+
+
+@dataclass
+class BF16CommHookConfig:
+    """Gradients cast to bf16 for the all-reduce (half the bytes, fp32's range) and back after."""
+
+
+@dataclass
+class PowerSGDConfig:
+    rank: int = 4
+    """Matrix approximation rank: each gradient matrix n x m is sent as (n + m) * rank numbers."""
+    start_iter: int = 10
+    """Optimizer steps of plain all-reduce before compression starts. It counts synchronising backward
+    passes, i.e. optimizer steps (micro-steps under no_sync accumulation do not count), and steps that
+    fp16 loss scaling skipped do not count either. Must be > 1 with error_feedback or warm_start."""
+    min_compression_rate: float = 2.0
+    """Compress a matrix only if this saves at least this factor; others go uncompressed."""
+    error_feedback: bool = True
+    """Add each step's compression error to the next step's gradient (per rank, saved in checkpoints)."""
+    warm_start: bool = True
+    """Reuse the previous step's Q factors instead of fresh random ones."""
+    orthogonalization_epsilon: float = 0.0
+    """Added to norms in Gram-Schmidt; > 0 guards against division by zero (e.g. fp16 compress_dtype)."""
+    batch_same_shape: bool = False
+    """Batch same-shaped matrices into one bmm (fewer kernel launches; larger buckets help)."""
+    compress_dtype: CompressDtype = CompressDtype.none
+    """Additionally cast to fp16/bf16 around PowerSGD (the fp16/bf16 compress wrappers)."""
+    seed: int = 0
+    """Seed of the random Q initialisation (the same on every rank)."""
 
 
 @dataclass
@@ -240,7 +280,7 @@ class Config:
     parallel: Any = MISSING
     """Parallelism strategy: `ddp` or `pipeline` (and its fields)."""
     comm_hook: Any = MISSING
-    """DDP communication hook: `none`."""
+    """Gradient communication over the data-parallel group: `none`, `fp16`, `bf16`, `powersgd`."""
     optim: Any = MISSING
     """Optimizer and learning-rate schedule: `adamw` or `sgd`."""
     logger: Any = MISSING
@@ -260,7 +300,12 @@ class Config:
 # Group name -> {option schema name -> dataclass}. YAML option files pull these in by name.
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "parallel": {"ddp": DDPConfig, "pipeline": PipelineConfig},
-    "comm_hook": {"none": NoCommHookConfig},
+    "comm_hook": {
+        "none": NoCommHookConfig,
+        "fp16": FP16CommHookConfig,
+        "bf16": BF16CommHookConfig,
+        "powersgd": PowerSGDConfig,
+    },
     "optim": {"adamw": AdamWConfig, "sgd": SGDConfig},
     "logger": {"console": ConsoleLoggerConfig, "wandb": WandbLoggerConfig},
 }

@@ -28,6 +28,7 @@ from launcher.loggers import build_logger
 from launcher.metrics import MetricsFile, flops_per_micro_batch, memory_stats, peak_flops
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.parallel import Strategy, build_strategy
+from launcher.parallel.comm_hooks import hook_state_dict, load_hook_state
 from launcher.precision import MixedPrecision
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ def train(job: Job, session: DistSession, run_dir: Path) -> None:
                 record.update(skipped_steps=progress.skipped_steps, loss_scale=amp.scaler.get_scale())
             if flops_per_step and peak:  # per device: the model's FLOPs are spread over its pipeline ranks
                 record["mfu"] = flops_per_step / strategy.model_parallel_size / step_time / peak
+            if strategy.comm_stats is not None:
+                record.update(strategy.comm_stats.step(window_steps))
             record.update(memory_stats(session.device))
             if session.is_main:
                 metrics.write(record)
@@ -232,6 +235,7 @@ class CheckpointState:
             self.rank_file: {
                 "rng": rng_state(self.session.device),
                 "data": asdict(self.stream.position),
+                "comm_hook": hook_state_dict(self.strategy.comm_hook),
             }
         }
         if self.strategy.writes_shared_state:
@@ -272,6 +276,7 @@ class CheckpointState:
         rank_state = state[self.rank_file]
         set_rng_state(rank_state["rng"], self.session.device)
         self.stream.restore(Position(**rank_state["data"]))
+        load_hook_state(self.strategy.comm_hook, rank_state.get("comm_hook", {}), self.session.device)
         self.progress.step = state["meta"]["step"]
         self.progress.skipped_steps = state["meta"].get("skipped_steps", 0)
 

@@ -14,6 +14,7 @@ import torch
 from launcher.config import AdamWConfig, Backend, Config, DDPConfig, SGDConfig, WandbLoggerConfig
 from launcher.errors import ConfigError
 from launcher.parallel import check_parallel
+from launcher.parallel.comm_hooks import check_comm_hook
 from launcher.recipe import block_layout
 
 
@@ -81,6 +82,7 @@ def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
             "set train.activation_checkpointing=false, or give the recipe a BlockLayout",
         )
     check_parallel(cfg, recipe_class, world_size)
+    check_comm_hook(cfg.comm_hook)
     _check_resume(cfg.resume)
     _check_run_dir(cfg.run.dir)
 

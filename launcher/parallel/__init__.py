@@ -36,6 +36,10 @@ class Strategy(Protocol):
     """The parallel layout; a checkpoint resumes only under the same one."""
     fixed_batch_shape: bool
     """Eval batches must all be full (pipeline buffers have a fixed shape)."""
+    comm_hook: Any
+    """The CommHook on the data-parallel group, or None (plain all-reduce, or no DP peers)."""
+    comm_stats: Any
+    """CommStats (bytes all-reduced per step), or None without data-parallel peers."""
 
     def forward_backward(
         self, micro_batches: list[Batch], loss_fn: LossFn, amp: MixedPrecision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from typing import Any
 
@@ -9,11 +10,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launcher.activation_checkpointing import checkpoint_blocks
-from launcher.config import Config
+from launcher.config import Config, Precision
 from launcher.dist import DistSession
 from launcher.parallel import Batch, LossFn
+from launcher.parallel.comm_hooks import CommStats, build_comm_hook
 from launcher.precision import MixedPrecision
 from launcher.recipe import block_layout, resolve_blocks
+
+log = logging.getLogger(__name__)
 
 
 class DDPStrategy:
@@ -42,6 +46,15 @@ class DDPStrategy:
                 find_unused_parameters=p.find_unused_parameters,
                 **extra,
             )
+        fp16 = cfg.precision.dtype == Precision.fp16
+        self.comm_hook = build_comm_hook(cfg.comm_hook, None, guard_overflow=fp16)
+        if self.comm_hook is not None and self.dp_size == 1:
+            log.warning("comm_hook has no effect with one data-parallel rank: nothing is all-reduced")
+            self.comm_hook = None
+        self.comm_stats = (
+            CommStats(self.comm_hook, list(self.module.parameters())) if self.dp_size > 1 else None
+        )
+        self._hook_pending = self.comm_hook is not None
         if cfg.train.compile:
             # Compiling the DDP wrapper (not the inner module) lets Dynamo split graphs at bucket
             # boundaries so all-reduce still overlaps backward. In place: parameter names unchanged.
@@ -50,6 +63,8 @@ class DDPStrategy:
     def forward_backward(
         self, micro_batches: list[Batch], loss_fn: LossFn, amp: MixedPrecision
     ) -> torch.Tensor:
+        if self._hook_pending:
+            self._register_comm_hook(micro_batches[0], loss_fn, amp)
         total = torch.zeros((), device=self.session.device)
         n = len(micro_batches)
         for i, (inputs, targets) in enumerate(micro_batches):
@@ -62,6 +77,27 @@ class DDPStrategy:
                 amp.scale(loss).backward()
             total += loss.detach()
         return total
+
+    def _register_comm_hook(self, batch: Batch, loss_fn: LossFn, amp: MixedPrecision) -> None:
+        """Register the hook once DDP's gradient buckets are final.
+
+        DDP puts all parameters in one bucket for its first backward, then rebuilds the buckets in the
+        order gradients became ready. PowerSGD keeps per-bucket state (error feedback, warm-start Q),
+        so its buckets must be the same in every step of every run, resumed or not: one throwaway
+        forward/backward (RNG restored, gradients dropped) settles the layout before the hook exists.
+        """
+        if self.comm_hook.stateful:
+            cuda = self.session.device.type == "cuda"
+            cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
+            with amp.autocast():
+                loss = loss_fn(self.model(batch[0]), batch[1])
+            loss.backward()
+            self.model.zero_grad(set_to_none=True)
+            torch.set_rng_state(cpu_rng)
+            if cuda:
+                torch.cuda.set_rng_state(cuda_rng)
+        self.model.register_comm_hook(self.comm_hook.state, self.comm_hook.hook)
+        self._hook_pending = False
 
     def eval_forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         # The unwrapped module: DDP's forward may broadcast buffers, a collective that would hang if

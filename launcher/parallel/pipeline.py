@@ -9,6 +9,7 @@ all stages.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -17,15 +18,18 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from launcher.activation_checkpointing import checkpoint_blocks
-from launcher.config import Config, PipelineConfig
+from launcher.config import Config, PipelineConfig, Precision
 from launcher.dist import DistSession
 from launcher.errors import ConfigError
 from launcher.parallel import Batch, LossFn
+from launcher.parallel.comm_hooks import CommStats, build_comm_hook
 from launcher.parallel.dims import ParallelDims
 from launcher.parallel.grad_reduce import GradReducer
 from launcher.parallel.split import ModelPart, StageModule, plan_stages, stage_ids_for_rank
 from launcher.precision import MixedPrecision
 from launcher.recipe import block_layout
+
+log = logging.getLogger(__name__)
 
 # Our names -> torch's schedule class names (get_schedule_class is case-insensitive).
 SCHEDULES = {
@@ -181,11 +185,17 @@ class PipelineStrategy:
             scale_grads=False,
         )
         self.num_microbatches = p.num_microbatches
-        self.reducer = (
-            GradReducer(list(self.module.parameters()), self.dp_group, p.bucket_cap_mb)
-            if dims.dp > 1
-            else None
-        )
+        params = list(self.module.parameters())
+        self.reducer = GradReducer(params, self.dp_group, p.bucket_cap_mb) if dims.dp > 1 else None
+        fp16 = cfg.precision.dtype == Precision.fp16
+        self.comm_hook = build_comm_hook(cfg.comm_hook, self.dp_group, guard_overflow=fp16)
+        if self.comm_hook is not None and self.reducer is None:
+            log.warning("comm_hook has no effect with parallel.dp=1: stages have no data-parallel peers")
+            self.comm_hook = None
+        if self.comm_hook is not None:
+            # Our buckets are fixed from the first step, so stateful hooks need no warm-up step here.
+            self.reducer.register_comm_hook(self.comm_hook.state, self.comm_hook.hook)
+        self.comm_stats = CommStats(self.comm_hook, params) if self.reducer is not None else None
         self._step_losses: list[torch.Tensor] = []
         self._recipe_loss: LossFn | None = None
         self._amp: MixedPrecision | None = None

@@ -34,6 +34,17 @@ BAD_CONFIGS = [
     (["checkpoint.keep=0"], "checkpoint.keep=0", "must be >= 1"),
     (["recipe=digits", "train.micro_batch_size=100000"], "train.micro_batch_size=100000", "larger than"),
     (["optim.lr=0.1,0.2"], "optim.lr", "add -m"),
+    (["comm_hook=powersgd", "comm_hook.rank=0"], "comm_hook.rank=0", "must be >= 1"),
+    (
+        ["comm_hook=powersgd", "comm_hook.start_iter=1"],
+        "comm_hook.start_iter=1",
+        "must be > 1 with error_feedback",
+    ),
+    (
+        ["comm_hook=batched_powersgd"],
+        "comm_hook=batched_powersgd",
+        "choose one of: bf16, fp16, none, powersgd",
+    ),
 ]
 
 

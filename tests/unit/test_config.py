@@ -34,7 +34,7 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", all_options(), ids=lambda v: str(v))
 def test_every_option_composes_and_validates(group, option):
-    (job,) = compose(f"{group}={option}")
+    (job,) = compose(f"{group}={option}", world_size=2)  # 2 ranks: a pipeline needs at least two
     assert isinstance(job.cfg, Config)
     if group == "recipe":
         assert job.recipe_name == option
