@@ -30,6 +30,11 @@ class LRSchedule(str, Enum):
     constant = "constant"
 
 
+class NonFinite(str, Enum):
+    stop = "stop"
+    skip = "skip"
+
+
 class Backend(str, Enum):
     auto = "auto"
     nccl = "nccl"
@@ -101,6 +106,10 @@ class TrainConfig:
     """Recompute each of the recipe's blocks in backward instead of storing activations."""
     compile: bool = False
     """torch.compile the model (after the parallel wrapper, so DDP's bucketing is graph-aware)."""
+    nonfinite: NonFinite = NonFinite.stop
+    """A NaN/inf loss (or gradient, outside fp16 loss scaling) on any rank: `stop` saves the last good
+    state and exits with code 3; `skip` drops that step's update and counts it (`nonfinite_steps`).
+    fp16 overflow steps that the GradScaler skips are normal and not counted here."""
 
 
 @dataclass
@@ -127,6 +136,9 @@ class DistConfig:
     """Collective timeout: a stuck rank ends the job after this long instead of hanging."""
     backend: Backend = Backend.auto
     """auto = nccl when CUDA is available, else gloo."""
+    shutdown_grace_s: float = 25.0
+    """After SIGTERM/SIGINT/SIGUSR1, how long a rank may take to finish its step and checkpoint before
+    it exits anyway. Keep it below torchrun's wait before SIGKILL (30 s) unless you raise that too."""
 
 
 @dataclass

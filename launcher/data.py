@@ -55,6 +55,13 @@ class TrainStream:
         cfg: LoaderConfig,
         device: torch.device,
     ) -> None:
+        if len(dataset) == 0:
+            raise ConfigError(
+                "recipe",
+                type(dataset).__name__,
+                "its train dataset is empty",
+                "check the recipe's data settings (e.g. recipe.data.path)",
+            )
         per_rank = len(dataset) // dp_size
         if per_rank < micro_batch_size:
             raise ConfigError(

@@ -38,6 +38,8 @@ class DistEnv:
     """torchrun, slurm (srun without torchrun) or python (a single process)."""
     run_id: str | None = None
     """torchrun's rendezvous run id (stable across its restarts), if it set a real one."""
+    restart_count: int = 0
+    """Which torchrun attempt this is (--max-restarts): 0 for the first."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> DistEnv:
@@ -53,6 +55,7 @@ class DistEnv:
                 master_port=int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else None,
                 launched_by="torchrun",
                 run_id=run_id if run_id and run_id != "none" else None,
+                restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
             )
         if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", 1)) > 1:
             return cls(
@@ -77,8 +80,11 @@ class DistSession:
     Every helper works unchanged with one process, so callers never branch on world size.
     """
 
-    def __init__(self, env: DistEnv, device: torch.device, backend: str | None) -> None:
+    def __init__(
+        self, env: DistEnv, device: torch.device, backend: str | None, control_group: Any = None
+    ) -> None:
         self.env, self.device, self.backend = env, device, backend
+        self.control_group = control_group
 
     @property
     def rank(self) -> int:
@@ -126,6 +132,15 @@ class DistSession:
         dist.all_gather_object(out, obj)
         return out
 
+    def any_rank(self, *flags: bool) -> list[bool]:
+        """Collective: for each flag, whether it is true on any rank. Runs on CPU (over gloo, a side
+        group under NCCL), so asking every step does not synchronise the GPU."""
+        if not self.initialized:
+            return list(flags)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
+        return [bool(v) for v in t.tolist()]
+
     def all_agree(self, flag: bool) -> bool:
         """True only if `flag` is true on every rank."""
         t = torch.tensor([1 if flag else 0], device=self.device)
@@ -146,6 +161,28 @@ def pick_device(env: DistEnv, backend: Backend) -> torch.device:
     return torch.device("cuda", env.local_rank)
 
 
+def rendezvous_store(env: DistEnv, timeout: timedelta) -> dist.Store:
+    """The key-value store the process group forms over, namespaced by torchrun attempt.
+
+    torchrun restarts workers against the same agent store; without a per-attempt namespace the next
+    attempt can read the failed one's keys (gloo peer addresses, pointing at dead ports) and fail with
+    "connectFullMesh ... Connection refused" (seen with torch 2.13, about one restart in three).
+    """
+    if env.launched_by == "slurm":
+        if not env.master_addr or not env.master_port:
+            raise ConfigError(
+                "MASTER_ADDR/MASTER_PORT",
+                "unset",
+                "srun without torchrun needs a rendezvous address",
+                "export MASTER_ADDR=<first node> MASTER_PORT=<free port> in the sbatch script",
+            )
+        url = f"tcp://{env.master_addr}:{env.master_port}"
+    else:
+        url = "env://"
+    store, _, _ = next(dist.rendezvous(url, rank=env.rank, world_size=env.world_size, timeout=timeout))
+    return dist.PrefixStore(f"launcher/attempt_{env.restart_count}", store)
+
+
 @contextmanager
 def dist_session(env: DistEnv, cfg: DistConfig) -> Iterator[DistSession]:
     """Initialise the process group (if more than one process) and always destroy it."""
@@ -155,27 +192,23 @@ def dist_session(env: DistEnv, cfg: DistConfig) -> Iterator[DistSession]:
     backend = None
     if env.world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=cfg.timeout_s)
         kwargs: dict[str, Any] = dict(
             backend=backend,
+            store=rendezvous_store(env, timeout),
             rank=env.rank,
             world_size=env.world_size,
-            timeout=timedelta(seconds=cfg.timeout_s),
+            timeout=timeout,
         )
-        if env.launched_by == "slurm":
-            if not env.master_addr or not env.master_port:
-                raise ConfigError(
-                    "MASTER_ADDR/MASTER_PORT",
-                    "unset",
-                    "srun without torchrun needs a rendezvous address",
-                    "export MASTER_ADDR=<first node> MASTER_PORT=<free port> in the sbatch",
-                )
-            kwargs["init_method"] = f"tcp://{env.master_addr}:{env.master_port}"
         if backend == "nccl":
             kwargs["device_id"] = device  # eager NCCL init: errors surface here, not at the first collective
         dist.init_process_group(**kwargs)
         log.info("process group up: backend=%s world_size=%d device=%s", backend, env.world_size, device)
+    control = None
+    if backend == "nccl":  # small control messages (stop? NaN?) stay on CPU
+        control = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.timeout_s))
     try:
-        yield DistSession(env, device, backend)
+        yield DistSession(env, device, backend, control)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

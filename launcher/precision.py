@@ -65,6 +65,11 @@ class MixedPrecision:
         self.scaler.update()
         return False
 
+    def skip(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop this step's update; with fp16, close the scaler's step (unscale_ was already called)."""
+        if self.scaling:
+            self.scaler.update()
+
     def state_dict(self) -> dict:
         return self.scaler.state_dict() if self.scaling else {}
 

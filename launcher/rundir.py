@@ -6,9 +6,13 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
 
 from launcher.config import RunConfig
 from launcher.dist import DistSession
+from launcher.errors import ConfigError
 
 
 def run_id(cfg: RunConfig, session: DistSession) -> str:
@@ -38,7 +42,31 @@ def resolve_run_dir(
         path = Path(sweep_job_dir)
     else:
         path = Path(cfg.root) / recipe_name / run_id(cfg, session)
+    error = None
     if session.is_main:
-        path.mkdir(parents=True, exist_ok=True)
-    session.barrier()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            error = err
+    # Every rank learns whether rank 0 succeeded: none may wait in a collective for a rank that left.
+    if not session.broadcast_object(error is None):
+        raise ConfigError(
+            "run.dir",
+            str(path),
+            f"cannot be created ({error or 'on rank 0'})",
+            "choose a writable location, e.g. run.root=/scratch/runs",
+        )
+    return path
+
+
+def write_config(cfg: Any, run_dir: Path) -> Path:
+    """config.yaml (resolved); an earlier, different one is kept as config.<k>.yaml, never lost."""
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    path = run_dir / "config.yaml"
+    if path.exists() and path.read_text() != text:
+        k = 1
+        while (run_dir / f"config.{k}.yaml").exists():
+            k += 1
+        path.rename(run_dir / f"config.{k}.yaml")
+    path.write_text(text)
     return path

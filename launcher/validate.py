@@ -45,6 +45,7 @@ def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
     _at_least("checkpoint.every", cfg.checkpoint.every, 0, "0 saves only the final checkpoint")
     _at_least("checkpoint.keep", cfg.checkpoint.keep, 1)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
+    _positive("dist.shutdown_grace_s", cfg.dist.shutdown_grace_s)
     _positive("optim.lr", optim.lr)
     _at_least("optim.weight_decay", optim.weight_decay, 0.0)
     _at_least("optim.warmup_steps", optim.warmup_steps, 0)

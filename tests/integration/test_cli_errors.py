@@ -63,3 +63,22 @@ def test_bad_config_under_torchrun_reported_once_by_rank_0(tmp_path):
     assert result.returncode != 0
     assert result.output.count("invalid config: train.stepz=3") == 1
     assert "exitcode  : 2" in result.output  # every worker exited 2; torchrun itself reports failure
+
+
+def test_bad_data_is_refused_before_training(tmp_path):
+    """Token ids beyond the vocabulary and an empty corpus: exit 2 before any step, naming the file."""
+    import numpy as np
+
+    tokens = tmp_path / "tokens.bin"
+    np.array([1, 2, 3, 70000 % 65536, 9] * 200, dtype=np.uint16).tofile(tokens)  # 4464 >= vocab 256
+    result = launch(["recipe=gpt", f"recipe.data.path={tokens}"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert f"recipe.data.path={tokens}: holds token id 4464 >= recipe.model.vocab_size=256" in result.stderr
+    assert "set recipe.model.vocab_size=4465 or larger" in result.stderr
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = launch(["recipe=gpt", f"recipe.data.path={empty}"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "has too few tokens (0) for one training sample" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
