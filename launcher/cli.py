@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ class Job:
     """Short recipe name for the default run directory (runs/<recipe_name>/<run id>)."""
     output_dir: str | None = None
     """Set in a multirun sweep: Hydra's per-job directory, used as the default run.dir."""
+    overrides: list[str] = field(default_factory=list)
+    """The command-line overrides of this job (this sweep point's, in a sweep)."""
 
 
 @dataclass
@@ -93,13 +95,20 @@ def register_all(overrides: list[str]) -> None:
                     register_recipe_by_path(value)
 
 
-def compose_jobs(request: Request, world_size: int) -> list[Job]:
+def compose_jobs(
+    request: Request, world_size: int | Callable[[Config], int], allow_multirun_world: bool = False
+) -> list[Job]:
     """Compose and check every job the request describes (one, or one per sweep point).
+
+    Args:
+        world_size: processes that will run each job, or a function of the job's config giving it
+            (a Slurm submission: nodes x processes per node).
+        allow_multirun_world: sweep points become separate jobs (Slurm), not one process's loop.
 
     Raises:
         ConfigError: the first invalid override, value or combination.
     """
-    if request.multirun and world_size > 1:
+    if request.multirun and isinstance(world_size, int) and world_size > 1 and not allow_multirun_world:
         raise ConfigError(
             "--multirun",
             "",
@@ -125,7 +134,12 @@ def compose_jobs(request: Request, world_size: int) -> list[Job]:
         return [_compose_job(point, request, world_size) for point in points]
 
 
-def job_from_hydra(cfg: DictConfig, choices: dict[str, Any], output_dir: str | None, world_size: int) -> Job:
+def job_from_hydra(
+    cfg: DictConfig,
+    choices: dict[str, Any],
+    output_dir: str | None,
+    world_size: int | Callable[[Config], int],
+) -> Job:
     """Build a Job from the config hydra.main passes to a multirun task."""
     return _to_job(cfg, choices, output_dir, world_size)
 
@@ -140,7 +154,7 @@ def hydra_main(task: Callable[[DictConfig], None]) -> None:
 # --- composition ------------------------------------------------------------------------------
 
 
-def _compose_job(overrides: list[str], request: Request, world_size: int) -> Job:
+def _compose_job(overrides: list[str], request: Request, world_size: int | Callable[[Config], int]) -> Job:
     search = [f"hydra.searchpath=[file://{Path(request.config_dir).resolve()}]"] if request.config_dir else []
     parsed = _parse(overrides)
     group_overrides, key_overrides = [], []
@@ -164,10 +178,17 @@ def _compose_job(overrides: list[str], request: Request, world_size: int) -> Job
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
-    return _to_job(cfg, choices, None, world_size)
+    job = _to_job(cfg, choices, None, world_size)
+    job.overrides = list(overrides)
+    return job
 
 
-def _to_job(cfg: DictConfig, choices: dict[str, Any], output_dir: str | None, world_size: int) -> Job:
+def _to_job(
+    cfg: DictConfig,
+    choices: dict[str, Any],
+    output_dir: str | None,
+    world_size: int | Callable[[Config], int],
+) -> Job:
     _reject_extra_keys(cfg, "")
     try:
         config = OmegaConf.to_object(cfg)
@@ -180,7 +201,7 @@ def _to_job(cfg: DictConfig, choices: dict[str, Any], output_dir: str | None, wo
         raise ConfigError(getattr(err, "full_key", None) or "config", "", _first_line(err)) from None
     assert isinstance(config, Config), type(config)
     recipe_class = recipe_class_for(config.recipe)
-    check_config(config, recipe_class, world_size)
+    check_config(config, recipe_class, world_size if isinstance(world_size, int) else world_size(config))
     recipe_choice = str(choices.get("recipe") or recipe_class.__name__)
     recipe_name = recipe_choice.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
     return Job(config, recipe_class, recipe_name, output_dir)
@@ -231,6 +252,16 @@ def _check_key(base: DictConfig, override: Override) -> None:
     path: list[str] = []
     for part in key.split("."):
         if isinstance(node, DictConfig):
+            if part not in node and not is_dataclass(OmegaConf.get_type(node)):
+                # A free-form mapping (e.g. slurm.env): new entries are fine, added with '+' as Hydra wants.
+                if override.is_add() or override.is_force_add():
+                    return
+                raise ConfigError(
+                    key,
+                    _text(override),
+                    f"{'.'.join(path)} has no entry {part!r} yet",
+                    f"add it with a '+': +{key}={_text(override)}",
+                )
             if part not in node:
                 section = ".".join(path) or "the top level"
                 raise ConfigError(

@@ -79,6 +79,8 @@ class RunConfig:
     """Run id. Default: SLURM_JOB_ID, else torchrun's run id, else a timestamp chosen by rank 0."""
     dir: str | None = None
     """The run directory itself (overrides root/id). Must be the same path on every rank."""
+    name: str | None = None
+    """Free text describing the run; kept in config.yaml (and as the wandb run name)."""
 
 
 @dataclass
@@ -286,6 +288,41 @@ class WandbLoggerConfig(ConsoleLoggerConfig):
 
 
 @dataclass
+class SlurmConfig:
+    """Read by `python -m launcher.slurm submit` only; training ignores it."""
+
+    nodes: int = 1
+    """Nodes; one task per node starts torchrun for that node's processes."""
+    gpus_per_node: int = 8
+    """GPUs requested per node (--gpus-per-node); 0 for CPU jobs."""
+    nproc_per_node: int | None = None
+    """Training processes per node; default gpus_per_node (1 without GPUs)."""
+    cpus_per_task: int = 16
+    """CPU cores per node task (data loading workers come out of these)."""
+    mem: str | None = None
+    """Memory per node, e.g. 200G (--mem); default: the partition's."""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "04:00:00"
+    """Wall-clock limit per job (each requeue gets a fresh one)."""
+    job_name: str | None = None
+    """Default launcher-<recipe>."""
+    signal_lead_s: int = 120
+    """Seconds before the time limit (or on preemption) that USR1 asks training to checkpoint and stop."""
+    max_requeues: int = 3
+    """Requeues after a stop without finishing (preemption, time limit, failure) before giving up."""
+    rdzv_port: int = 29500
+    """torchrun's c10d rendezvous port on the first node."""
+    extra_sbatch: list[str] = field(default_factory=list)
+    """More #SBATCH options, e.g. [--constraint=h100, --exclusive]."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before training, e.g. [module load cuda, source .venv/bin/activate]."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Exported to training, e.g. +slurm.env.NCCL_DEBUG=WARN (NCCL_*, TORCH_* ...)."""
+
+
+@dataclass
 class Config:
     recipe: Any = MISSING
     """The recipe's own config (its `Config` dataclass)."""
@@ -304,6 +341,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in run.dir (none: start fresh);
     never: start fresh; or a path to a checkpoint directory."""
@@ -323,7 +361,7 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
 }
 
 # Groups the user picks with `group=option` on the command line.
-GROUPS = ("recipe", "parallel", "comm_hook", "precision", "optim", "logger")
+GROUPS = ("recipe", "parallel", "comm_hook", "precision", "optim", "logger", "slurm")
 
 
 def register_schemas() -> None:

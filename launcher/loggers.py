@@ -59,7 +59,13 @@ class WandbLogger(ConsoleLogger):
     """Console plus a wandb run whose id lives in the run directory, so a resumed job continues it."""
 
     def __init__(
-        self, cfg: WandbLoggerConfig, start_step: int, total_steps: int, run_dir: Path, config: dict[str, Any]
+        self,
+        cfg: WandbLoggerConfig,
+        start_step: int,
+        total_steps: int,
+        run_dir: Path,
+        config: dict[str, Any],
+        name: str | None = None,
     ) -> None:
         super().__init__(cfg, start_step, total_steps)
         import wandb
@@ -77,7 +83,7 @@ class WandbLogger(ConsoleLogger):
             dir=str(run_dir),
             id=run_id,
             resume="allow",
-            name=run_dir.name,
+            name=name or run_dir.name,
             config=config,
         )
 
@@ -87,16 +93,22 @@ class WandbLogger(ConsoleLogger):
 
     def close(self) -> None:
         super().close()
-        self.run.finish()
+        self.run.finish()  # idempotent in wandb
 
 
 def build_logger(
-    cfg: Any, is_main: bool, start_step: int, total_steps: int, run_dir: Path, config: dict[str, Any]
+    cfg: Any,
+    is_main: bool,
+    start_step: int,
+    total_steps: int,
+    run_dir: Path,
+    config: dict[str, Any],
+    name: str | None = None,
 ) -> NullLogger:
     if not is_main:
         return NullLogger()
     if isinstance(cfg, WandbLoggerConfig):
-        return WandbLogger(cfg, start_step, total_steps, run_dir, config)
+        return WandbLogger(cfg, start_step, total_steps, run_dir, config, name)
     return ConsoleLogger(cfg, start_step, total_steps)
 
 

@@ -28,8 +28,12 @@ def run_id(cfg: RunConfig, session: DistSession) -> str:
         return job
     if session.env.run_id:
         return session.env.run_id
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(2) if session.is_main else None
-    return session.broadcast_object(stamp)
+    return session.broadcast_object(new_run_id() if session.is_main else None)
+
+
+def new_run_id() -> str:
+    """A timestamp plus 4 random hex digits: two runs started in the same second differ."""
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(2)
 
 
 def resolve_run_dir(

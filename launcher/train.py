@@ -8,6 +8,7 @@ for each optimizer step:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 # Where the loop is, for error messages from whoever catches an exception (a hung collective says
 # only "timed out"; this says during what).
 WHERE = {"phase": "setup", "step": 0}
+FINISHED = "FINISHED"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -64,7 +66,7 @@ def train(job: Job, session: DistSession, run_dir: Path) -> None:
 class Trainer:
     def __init__(self, job: Job, session: DistSession, run_dir: Path, stop: StopFlag) -> None:
         cfg = job.cfg
-        self.cfg, self.job, self.session, self.stop = cfg, job, session, stop
+        self.cfg, self.job, self.session, self.stop, self.run_dir = cfg, job, session, stop, run_dir
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.recipe = job.recipe_class(cfg.recipe)
@@ -103,8 +105,11 @@ class Trainer:
         self.saved_step = self.resumed
 
         self.metrics = MetricsFile(run_dir / "metrics.jsonl")
+        self.finished_marker = run_dir / FINISHED
         if session.is_main:
             self.metrics.truncate_after(self.progress.step)
+            if self.progress.step < cfg.train.steps:
+                self.finished_marker.unlink(missing_ok=True)  # training on (e.g. train.steps was raised)
         self.logger = build_logger(
             cfg.logger,
             session.is_main,
@@ -112,6 +117,7 @@ class Trainer:
             cfg.train.steps,
             run_dir,
             OmegaConf.to_container(OmegaConf.structured(cfg)),
+            cfg.run.name,
         )
         tokens_per_sample = getattr(self.recipe, "tokens_per_sample", None)
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.strategy.dp_size
@@ -160,6 +166,11 @@ class Trainer:
             self._maybe_save(step, force=stop)
             if stop:
                 raise StopRequested(self.stop.signum or 0, step)
+        if self.progress.step >= self.cfg.train.steps and self.session.is_main:
+            # What a Slurm batch script checks to tell "done" from "stopped early: requeue".
+            self.finished_marker.write_text(
+                json.dumps({"step": self.progress.step, "finished_at": time.time()})
+            )
 
     def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         # Under fp16, non-finite gradients are loss-scale overflow: the GradScaler's business, not ours.

@@ -1,0 +1,198 @@
+"""Submit training to Slurm, and look after submitted jobs.
+
+    python -m launcher.slurm submit [--dry-run] [-m] <overrides>   # one job (or one per sweep point)
+    python -m launcher.slurm status <run dir | job id>
+    python -m launcher.slurm cancel <run dir | job id>
+
+`submit` composes and validates the config exactly as training will (the world size is
+slurm.nodes x processes per node), renders an sbatch script from conf/slurm/ and slurm/train.sbatch
+into the run directory, submits it and prints the job id and run directory. Overrides reach the
+launcher inside the job through `shlex.quote`: whatever characters a value holds, no shell runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher import cli
+from launcher.config import Config, SlurmConfig
+from launcher.errors import ConfigError
+from launcher.rundir import new_run_id
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+BODY_MARKER = "### launcher.slurm: the script body starts here"
+JOB_ID_FILE = "slurm_job_id"
+
+
+def procs_per_node(cfg: SlurmConfig) -> int:
+    return cfg.nproc_per_node or max(cfg.gpus_per_node, 1)
+
+
+def world_size(cfg: Config) -> int:
+    return cfg.slurm.nodes * procs_per_node(cfg.slurm)
+
+
+def check_slurm(cfg: SlurmConfig) -> None:
+    """Raises ConfigError for values that would make a broken (or injectable) script."""
+    for name in ("nodes", "cpus_per_task", "signal_lead_s"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"slurm.{name}", getattr(cfg, name), "must be >= 1")
+    if cfg.gpus_per_node < 0 or cfg.max_requeues < 0:
+        raise ConfigError(
+            "slurm.gpus_per_node/max_requeues", f"{cfg.gpus_per_node}/{cfg.max_requeues}", "must be >= 0"
+        )
+    if cfg.nproc_per_node is not None and cfg.nproc_per_node < 1:
+        raise ConfigError("slurm.nproc_per_node", cfg.nproc_per_node, "must be >= 1")
+    sbatch_values = {
+        "job_name": cfg.job_name,
+        "partition": cfg.partition,
+        "account": cfg.account,
+        "qos": cfg.qos,
+        "time": cfg.time,
+        "mem": cfg.mem,
+        **{f"extra_sbatch[{i}]": v for i, v in enumerate(cfg.extra_sbatch)},
+    }
+    for name, value in sbatch_values.items():
+        if value is not None and re.search(r"[\r\n]", value):
+            raise ConfigError(f"slurm.{name}", value, "must be one line (it becomes an #SBATCH line)")
+    for key in cfg.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"slurm.env.{key}", cfg.env[key], "is not a valid environment variable name")
+
+
+def render(job: cli.Job, overrides: list[str], run_dir: Path, python: str) -> str:
+    """The sbatch script for `job`: #SBATCH lines and exports from cfg.slurm, then train.sbatch's body."""
+    s = job.cfg.slurm
+    sbatch = [
+        f"--job-name={s.job_name or 'launcher-' + job.recipe_name}",
+        f"--nodes={s.nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={s.cpus_per_task}",
+        f"--time={s.time}",
+        f"--signal=B:USR1@{s.signal_lead_s}",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={run_dir}/slurm-%j.out",
+        f"--chdir={Path.cwd()}",
+    ]
+    if s.gpus_per_node:
+        sbatch.append(f"--gpus-per-node={s.gpus_per_node}")
+    for name in ("partition", "account", "qos", "mem"):
+        if getattr(s, name):
+            sbatch.append(f"--{name}={getattr(s, name)}")
+    sbatch += s.extra_sbatch
+    exports = {
+        "LAUNCHER_PYTHON": python,
+        "NPROC_PER_NODE": str(procs_per_node(s)),
+        "MAX_REQUEUES": str(s.max_requeues),
+        "RDZV_PORT": str(s.rdzv_port),
+        **s.env,
+    }
+    args = [*overrides, f"run.dir={run_dir}"]
+    body = TEMPLATE.read_text().split(BODY_MARKER, 1)[1].split("\n", 1)[1]
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            f"# Rendered by `python -m launcher.slurm submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+            f"# Submit it again with: sbatch {run_dir / 'train.sbatch'}",
+            *(f"#SBATCH {option}" for option in sbatch),
+            "",
+            *(f"export {key}={shlex.quote(value)}" for key, value in exports.items()),
+            *s.setup,
+            "# The launcher's arguments, each quoted: the shell passes them on without interpreting them.",
+            "set -- " + " ".join(shlex.quote(arg) for arg in args),
+            body,
+        ]
+    )
+
+
+def submit(overrides: list[str], multirun: bool, dry_run: bool) -> int:
+    request = cli.Request(
+        overrides, multirun=multirun, config_dir=None, config_name=cli.CONFIG_NAME, hydra_only=False
+    )
+    cli.register_all(request.overrides)
+    # Validated as training will see it: one job per sweep point, at the job's world size.
+    jobs = cli.compose_jobs(request, world_size, allow_multirun_world=True)
+    stamp = new_run_id()
+    for k, job in enumerate(jobs):
+        check_slurm(job.cfg.slurm)
+        suffix = f"-{k}" if len(jobs) > 1 else ""
+        run_dir = Path(
+            job.cfg.run.dir or Path(job.cfg.run.root) / job.recipe_name / (stamp + suffix)
+        ).resolve()
+        script = render(job, job.overrides, run_dir, sys.executable)
+        if dry_run:
+            print(script)
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "train.sbatch"
+        path.write_text(script)
+        result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"launcher.slurm: sbatch failed: {result.stderr.strip()}", file=sys.stderr)
+            return 1
+        job_id = result.stdout.strip().split(";")[0]
+        (run_dir / JOB_ID_FILE).write_text(job_id + "\n")
+        print(json.dumps({"job_id": job_id, "run_dir": str(run_dir)}))
+    return 0
+
+
+def job_id_of(target: str) -> tuple[str, Path | None]:
+    path = Path(target)
+    if path.is_dir():
+        return (path / JOB_ID_FILE).read_text().strip(), path
+    return target, None
+
+
+def status(target: str) -> int:
+    job_id, run_dir = job_id_of(target)
+    queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %M %R"], capture_output=True, text=True)
+    print(f"job {job_id}: {queue.stdout.strip() or 'not in the queue (finished, failed or cancelled)'}")
+    if run_dir is not None:
+        if (run_dir / "FINISHED").exists():
+            print("training: finished")
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().strip():
+            print("last metrics:", metrics.read_text().strip().splitlines()[-1])
+    return 0
+
+
+def cancel(target: str) -> int:
+    job_id, _ = job_id_of(target)
+    return subprocess.run(["scancel", job_id]).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m launcher.slurm",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    submit_parser = verbs.add_parser("submit", help="render and sbatch a training job")
+    submit_parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    submit_parser.add_argument("-m", "--multirun", action="store_true", help="one job per sweep point")
+    submit_parser.add_argument("overrides", nargs="*")
+    for verb in ("status", "cancel"):
+        verbs.add_parser(verb).add_argument("target", help="run directory or job id")
+    args = parser.parse_args(argv)
+    try:
+        if args.verb == "submit":
+            return submit(args.overrides, args.multirun, args.dry_run)
+    except ConfigError as err:
+        print(f"launcher: invalid config: {err}", file=sys.stderr)
+        return 2
+    return status(args.target) if args.verb == "status" else cancel(args.target)
+
+
+if __name__ == "__main__":
+    os.environ.pop("RANK", None)  # validation as the submitter, not as a rank of some enclosing job
+    sys.exit(main())

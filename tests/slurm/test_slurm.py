@@ -1,0 +1,288 @@
+"""Slurm: submission, preemption -> checkpoint -> requeue -> resume, quoting, and the rendered script.
+
+Runs against a real single-node cluster (slurmctld, slurmd, munge; tests/slurm/cluster.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, TINY_GPT, assert_ok, launch
+
+pytestmark = pytest.mark.integration
+
+SLOW_GPT = [
+    *TINY_GPT,
+    "recipe=tests.faults.faulty:FaultyGPT",
+    "train.micro_batch_size=4",
+    "optim.warmup_steps=2",
+]
+
+
+def submit(slurm, tmp_path: Path, *overrides: str, dry_run: bool = False) -> subprocess.CompletedProcess:
+    env = {**slurm.env, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "launcher.slurm", "submit", *(["--dry-run"] if dry_run else []), *overrides]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+def submitted(result: subprocess.CompletedProcess) -> tuple[str, Path]:
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    return info["job_id"], Path(info["run_dir"])
+
+
+def steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+
+
+def test_submit_trains_on_cpu_and_passes_overrides_literally(slurm, tmp_path):
+    marker = Path(f"/tmp/pwned-{uuid.uuid4().hex}")
+    name = f"""semi;colon "double" 'single' $(touch {marker}) `touch {marker}`"""
+    hydra_quoted = "'" + name.replace("'", "\\'") + "'"  # Hydra's own quoting of a string value
+    job_id, run_dir = submitted(
+        submit(
+            slurm,
+            tmp_path,
+            "slurm=cpu",
+            *TINY_GPT,
+            "train.steps=12",
+            "checkpoint.every=6",
+            f"run.name={hydra_quoted}",
+        )
+    )
+    slurm.wait_for(job_id, {""}, timeout=180)
+    output = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert steps(run_dir) == list(range(1, 13)), output[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_12", "step_6"]
+    assert (run_dir / "FINISHED").exists() and "training finished" in output
+    assert (run_dir / "slurm_job_id").read_text().strip() == job_id
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["name"] == name  # exactly as typed
+    assert not marker.exists()  # neither sbatch, the batch shell nor srun ran the value
+
+    status = subprocess.run(
+        [sys.executable, "-m", "launcher.slurm", "status", str(run_dir)],
+        env=slurm.env,
+        capture_output=True,
+        text=True,
+    )
+    assert f"job {job_id}: not in the queue" in status.stdout and "training: finished" in status.stdout
+
+
+def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path):
+    args = [*SLOW_GPT, "train.steps=30", "checkpoint.every=100", "recipe.delay_s=0.1"]
+    job_id, run_dir = submitted(submit(slurm, tmp_path, "slurm=cpu", *args))
+    deadline = time.time() + 120
+    while max(steps(run_dir), default=0) < 6:
+        assert time.time() < deadline, "the job never got going"
+        time.sleep(0.2)
+    slurm.run("scancel", "--signal=USR1", "--batch", job_id, check=True)  # what Slurm does before preempting
+    slurm.wait_for(job_id, {"PENDING"}, timeout=120)
+    stopped_at = max(steps(run_dir))
+    assert (run_dir / "checkpoints" / f"step_{stopped_at}" / "meta.json").is_file()
+    # The requeued job starts again once its old credential expires (cluster.py: cred_expire=5).
+    slurm.wait_for(job_id, {""}, timeout=240)
+
+    output = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert "USR1 received" in output and f"stopped by SIGTERM after step {stopped_at}" in output
+    assert "SLURM_RESTART_COUNT=1" in output and f"resumed from step {stopped_at}" in output
+    assert steps(run_dir) == list(range(1, 31))  # each step exactly once
+    assert (run_dir / "FINISHED").exists()
+    straight = launch(args, tmp_path, nproc=2, run_dir=tmp_path / "straight")
+    assert_ok(straight)
+    resumed = torch.load(run_dir / "checkpoints" / "step_30" / "model.pt", weights_only=True)
+    reference = straight.model(30)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def fake_cluster_tools(bin_dir: Path, log: Path) -> None:
+    """srun records its argv; scontrol names two nodes; nothing else runs."""
+    bin_dir.mkdir()
+    tools = {
+        "srun": f'#!/bin/bash\nfor a in "$@"; do printf "%s\\n" "$a"; done > {log}\n',
+        "scontrol": '#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && printf "node-a\\nnode-b\\n"\nexit 0\n',
+        "scancel": "#!/bin/bash\nexit 0\n",
+    }
+    for name, text in tools.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+
+
+def test_dry_run_for_two_nodes_of_eight_gpus_launches_the_expected_torchrun(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.slurm",
+            "submit",
+            "--dry-run",
+            "recipe=gpt",
+            "slurm.nodes=2",
+            "slurm.gpus_per_node=8",
+            "slurm.partition=gpu",
+            "+slurm.env.NCCL_DEBUG=WARN",
+            "run.dir=/scratch/run1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "export NPROC_PER_NODE=8",
+        "export NCCL_DEBUG=WARN",
+    ):
+        assert line in script.splitlines(), line
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+    # Run the script's body with stand-ins for srun/scontrol: the command it would start, word by word.
+    (tmp_path / "job.sbatch").write_text(script)
+    log = tmp_path / "srun.argv"
+    fake_cluster_tools(tmp_path / "bin", log)
+    job_env = {
+        **env,
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+    }
+    subprocess.run(
+        ["bash", str(tmp_path / "job.sbatch")], cwd=tmp_path, env=job_env, capture_output=True, timeout=60
+    )
+    assert log.read_text().splitlines() == [
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=8",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node-a:29500",
+        "--rdzv_id=4242",
+        "-m",
+        "launcher",
+        "recipe=gpt",
+        "slurm.nodes=2",
+        "slurm.gpus_per_node=8",
+        "slurm.partition=gpu",
+        "+slurm.env.NCCL_DEBUG=WARN",
+        "run.dir=/scratch/run1",
+        "run.dir=/scratch/run1",
+    ]
+
+
+def test_submit_validates_at_the_jobs_world_size(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.slurm",
+            "submit",
+            "--dry-run",
+            "parallel=pipeline",
+            "parallel.pp=3",
+            "slurm.nodes=2",
+            "slurm.gpus_per_node=2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "parallel.pp=3: does not divide world_size=4" in result.stderr
+
+
+def test_multirun_submits_one_job_per_sweep_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.slurm",
+            "submit",
+            "--dry-run",
+            "-m",
+            "optim.lr=1e-3,1e-2",
+            "slurm=cpu",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    scripts = result.stdout.split("#!/bin/bash")[1:]
+    assert len(scripts) == 2
+    argv = [
+        shlex.split(next(line for line in script.splitlines() if line.startswith("set -- ")))[2:]
+        for script in scripts
+    ]
+    assert [a[0] for a in argv] == ["optim.lr=0.001", "optim.lr=0.01"]  # Hydra's spelling of each point
+    dirs = [a[-1] for a in argv]
+    assert all(d.startswith("run.dir=") for d in dirs)
+    assert dirs[0] != dirs[1]
+
+
+def test_template_submitted_by_hand(slurm, tmp_path):
+    """`sbatch slurm/train.sbatch <overrides>` as a user would, overriding the GPU request for CPU."""
+    env = {
+        **slurm.env,
+        "PYTHONPATH": str(REPO),
+        "LAUNCHER_PYTHON": sys.executable,
+        "NPROC_PER_NODE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--gpus-per-node=0",
+            "--cpus-per-task=2",
+            str(REPO / "slurm" / "train.sbatch"),
+            "recipe=digits",
+            "train.steps=20",
+            "train.log_every=5",
+            "checkpoint.every=0",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().split(";")[0]
+    slurm.wait_for(job_id, {""}, timeout=180)
+    run_dir = tmp_path / "runs" / "digits" / job_id  # named by the job id: the same across requeues
+    assert steps(run_dir) == [5, 10, 15, 20], (tmp_path / f"slurm-{job_id}.out").read_text()[-2000:]
+    assert (run_dir / "FINISHED").exists()
