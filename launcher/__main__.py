@@ -18,10 +18,12 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, recor
 
 from launcher import cli
 from launcher.checkpoint import CheckpointError
+from launcher.config import DistConfig
 from launcher.dist import DistEnv, dist_session
 from launcher.errors import ConfigError
 from launcher.loggers import configure_logging
 from launcher.rundir import resolve_run_dir, write_config
+from launcher.shutdown import StopFlag, StopRequested
 
 log = logging.getLogger("launcher")
 EXIT_FAILURE, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
@@ -42,6 +44,16 @@ PEER_FAILURE_SIGNS = (
 def main() -> int:
     env = DistEnv.from_environ()
     configure_logging(env.rank)
+    # From the first moment: a SIGTERM (torchrun sends one when a peer exits, e.g. on a config error)
+    # must not kill this rank before it has said what is wrong or reached a step boundary.
+    stop = StopFlag(grace_s=DistConfig.shutdown_grace_s)
+    try:
+        return _main(env, stop)
+    finally:
+        stop.restore()
+
+
+def _main(env: DistEnv, stop: StopFlag) -> int:
     try:
         request = cli.parse_argv(sys.argv[1:])
         cli.register_all(request.overrides)
@@ -52,14 +64,14 @@ def main() -> int:
     except ConfigError as err:
         return report_config_error(err, env)
     if request.multirun:
-        return run_sweep(env)
-    return run(jobs[0], env)
+        return run_sweep(env, stop)
+    return run(jobs[0], env, stop)
 
 
-def run(job: cli.Job, env: DistEnv) -> int:
-    from launcher.shutdown import StopRequested
+def run(job: cli.Job, env: DistEnv, stop: StopFlag) -> int:
     from launcher.train import WHERE, NonFiniteLoss, train
 
+    stop.grace_s = job.cfg.dist.shutdown_grace_s
     try:
         with dist_session(env, job.cfg.dist) as session:
             run_dir = resolve_run_dir(job.cfg.run, job.recipe_name, job.output_dir, session)
@@ -67,7 +79,7 @@ def run(job: cli.Job, env: DistEnv) -> int:
             if session.is_main:
                 write_config(job.cfg, run_dir)
                 log.info("run directory: %s", run_dir)
-            train(job, session, run_dir)
+            train(job, session, run_dir, stop)
     except ConfigError as err:
         return report_config_error(err, env)
     except CheckpointError as err:
@@ -112,7 +124,7 @@ def report_failure(err: Exception, env: DistEnv, where: dict) -> int:
     raise err
 
 
-def run_sweep(env: DistEnv) -> int:
+def run_sweep(env: DistEnv, stop: StopFlag) -> int:
     """Hydra's multirun: every sweep point was validated up front; run them one after another."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -124,7 +136,7 @@ def run_sweep(env: DistEnv) -> int:
             cfg, dict(hydra_cfg.runtime.choices), hydra_cfg.runtime.output_dir, env.world_size
         )
         log.info("sweep job %s: %s", hydra_cfg.job.num, " ".join(hydra_cfg.overrides.task))
-        if run(job, env) != 0:
+        if run(job, env, stop) != 0:
             failed.append(hydra_cfg.job.num)
 
     cli.hydra_main(task)

@@ -25,9 +25,10 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 class StopRequested(Exception):
     """Raised by the loop after the checkpoint that a signal asked for; exit code 128 + signum."""
 
-    def __init__(self, signum: int, step: int) -> None:
+    def __init__(self, signum: int, step: int, saved: bool = True) -> None:
         self.signum, self.step = signum, step
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
+        what = "checkpoint saved" if saved else "before the first step, nothing new to save"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {what}")
 
 
 class StopFlag:

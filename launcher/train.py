@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -51,14 +52,13 @@ class NonFiniteLoss(RuntimeError):
         )
 
 
-def train(job: Job, session: DistSession, run_dir: Path) -> None:
-    stop = StopFlag(job.cfg.dist.shutdown_grace_s)  # before the slow setup: a signal there is not lost
+def train(job: Job, session: DistSession, run_dir: Path, stop: StopFlag) -> None:
+    """Train `job`; `stop` is the process's signal flag (installed at start, so no signal is lost)."""
     trainer = None
     try:
         trainer = Trainer(job, session, run_dir, stop)
         trainer.fit()
     finally:
-        stop.restore()
         if trainer is not None:
             trainer.logger.close()  # also when failing: wandb marks the run finished, the bar closes
 
@@ -140,6 +140,8 @@ class Trainer:
         if self.resumed is not None and self.resumed >= self.last_step:
             log.info("nothing to do: the run already reached step %d", self.resumed)
         self.window_start, self.window_steps = time.perf_counter(), 0
+        if self.session.any_rank(self.stop.signum is not None)[0]:  # signalled during setup: nothing to save
+            raise StopRequested(self.stop.signum or signal.SIGTERM, self.progress.step, saved=False)
         for step in range(self.progress.step + 1, self.last_step + 1):
             WHERE.update(phase="train step", step=step)
             micro_batches = [next(self.stream) for _ in range(self.cfg.train.grad_accum_steps)]

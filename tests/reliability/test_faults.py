@@ -32,9 +32,8 @@ FAULTY = [
 
 def start(args: list[str], tmp_path: Path, run_dir: Path, torchrun_args: tuple = (), env: dict | None = None):
     """torchrun in the background, in its own session (so signals reach torchrun, as from Slurm)."""
-    path = os.pathsep.join([str(REPO), *(env or {}).pop("EXTRA_PATH", "").split(os.pathsep)]).strip(
-        os.pathsep
-    )
+    extra = (env or {}).pop("EXTRA_PATH", "")
+    path = os.pathsep.join(p for p in (extra, str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     full_env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
