@@ -10,20 +10,26 @@ by signal N after checkpointing (143 SIGTERM, 130 SIGINT, 138 SIGUSR1); 1 any ot
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-
-from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
-
-from launcher import cli
-from launcher.checkpoint import CheckpointError
-from launcher.config import DistConfig
-from launcher.dist import DistEnv, dist_session
-from launcher.errors import ConfigError
-from launcher.loggers import configure_logging
-from launcher.rundir import resolve_run_dir, write_config
+# First, before the slow imports below: when one rank exits (a config error, say), torchrun SIGTERMs
+# the others at once, and a rank still importing torch would die without saying what is wrong. From
+# here on a signal only sets a flag (launcher/shutdown.py), bounded by a watchdog.
 from launcher.shutdown import StopFlag, StopRequested
+
+EARLY_STOP = StopFlag(grace_s=25.0) if __name__ == "__main__" else None
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record  # noqa: E402
+
+from launcher import cli  # noqa: E402
+from launcher.checkpoint import CheckpointError  # noqa: E402
+from launcher.config import DistConfig  # noqa: E402
+from launcher.dist import DistEnv, dist_session  # noqa: E402
+from launcher.errors import ConfigError  # noqa: E402
+from launcher.loggers import configure_logging  # noqa: E402
+from launcher.rundir import resolve_run_dir, write_config  # noqa: E402
 
 log = logging.getLogger("launcher")
 EXIT_FAILURE, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
@@ -44,9 +50,7 @@ PEER_FAILURE_SIGNS = (
 def main() -> int:
     env = DistEnv.from_environ()
     configure_logging(env.rank)
-    # From the first moment: a SIGTERM (torchrun sends one when a peer exits, e.g. on a config error)
-    # must not kill this rank before it has said what is wrong or reached a step boundary.
-    stop = StopFlag(grace_s=DistConfig.shutdown_grace_s)
+    stop = EARLY_STOP or StopFlag(grace_s=DistConfig.shutdown_grace_s)
     try:
         return _main(env, stop)
     finally:

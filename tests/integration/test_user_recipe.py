@@ -89,7 +89,7 @@ def test_user_recipe_config_is_validated(tmp_path):
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "line.py").write_text(USER_RECIPE)
-    env = {"PYTHONPATH": str(tmp_path / "userpkg")}
+    env = {"PYTHONPATH": f"{tmp_path / 'userpkg'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = launch(["recipe=my_recipes.line:LineRecipe", "recipe.model.hiden=8"], tmp_path, env=env)
     assert result.returncode == 2
     assert "recipe.model.hiden=8: unknown key (did you mean recipe.model.hidden?)" in result.stderr
