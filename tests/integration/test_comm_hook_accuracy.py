@@ -4,35 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import assert_ok, launch
+from tests.conftest import DIGITS_150, GPT_150, assert_ok, launch
 
 pytestmark = pytest.mark.integration
 
-DIGITS = [
-    "recipe=digits",
-    "train.steps=150",
-    "train.micro_batch_size=32",
-    "optim.lr=3e-3",
-    "train.eval_every=150",
-    "train.eval_batches=0",
-    "train.log_every=50",
-    "checkpoint.every=0",
-]
-GPT = [
-    "recipe=gpt",
-    "recipe.model.d_model=64",
-    "recipe.model.n_layers=2",
-    "recipe.model.n_heads=2",
-    "recipe.model.seq_len=64",
-    "recipe.data.max_bytes=2000000",
-    "train.steps=150",
-    "train.micro_batch_size=16",
-    "optim.lr=3e-3",
-    "train.eval_every=150",
-    "train.eval_batches=8",
-    "train.log_every=50",
-    "checkpoint.every=0",
-]
+DIGITS, GPT = DIGITS_150, GPT_150
 
 
 def final_eval(args, tmp_path, name):

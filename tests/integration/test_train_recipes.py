@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import assert_ok, launch
+from tests.conftest import DIGITS_150, GPT_150, assert_ok, launch
 
 pytestmark = pytest.mark.integration
 
@@ -13,25 +13,8 @@ GPT_MARGIN_NATS = 0.4
 
 
 def test_gpt_eval_loss_falls_under_torchrun(tmp_path):
-    result = launch(
-        [
-            "recipe=gpt",
-            "recipe.model.d_model=64",
-            "recipe.model.n_layers=2",
-            "recipe.model.n_heads=2",
-            "recipe.model.seq_len=64",
-            "recipe.data.max_bytes=2000000",
-            "train.steps=150",
-            "train.micro_batch_size=16",
-            "optim.lr=3e-3",
-            "train.eval_every=25",
-            "train.eval_batches=8",
-            "train.log_every=10",
-            "checkpoint.every=0",
-        ],
-        tmp_path,
-        nproc=2,
-    )
+    # GPT_150, evaluated every 25 steps
+    result = launch([*GPT_150, "train.eval_every=25", "train.log_every=10"], tmp_path, nproc=2)
     assert_ok(result)
     evals = result.eval_lines()
     assert [e["step"] for e in evals] == [25, 50, 75, 100, 125, 150]
@@ -46,20 +29,7 @@ def test_gpt_eval_loss_falls_under_torchrun(tmp_path):
 
 
 def test_digits_reaches_90_percent_under_torchrun(tmp_path):
-    result = launch(
-        [
-            "recipe=digits",
-            "train.steps=150",
-            "train.micro_batch_size=32",
-            "optim.lr=3e-3",
-            "train.eval_every=50",
-            "train.eval_batches=0",
-            "train.log_every=50",
-            "checkpoint.every=0",
-        ],
-        tmp_path,
-        nproc=2,
-    )
+    result = launch([*DIGITS_150, "train.eval_every=50"], tmp_path, nproc=2)
     assert_ok(result)
     final = result.eval_lines()[-1]
     assert final["step"] == 150

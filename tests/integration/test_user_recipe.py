@@ -55,12 +55,17 @@ USER_RECIPE = textwrap.dedent('''
 ''')
 
 
-def test_recipe_from_a_user_package(tmp_path):
+def write_user_package(tmp_path) -> dict[str, str]:
+    """A package `my_recipes` outside this repo; returns the environment that makes it importable."""
     package = tmp_path / "userpkg" / "my_recipes"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "line.py").write_text(USER_RECIPE)
-    env = {"PYTHONPATH": f"{tmp_path / 'userpkg'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return {"PYTHONPATH": f"{tmp_path / 'userpkg'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def test_recipe_from_a_user_package(tmp_path):
+    env = write_user_package(tmp_path)
     result = launch(
         [
             "recipe=my_recipes.line:LineRecipe",
@@ -85,11 +90,7 @@ def test_recipe_from_a_user_package(tmp_path):
 
 
 def test_user_recipe_config_is_validated(tmp_path):
-    package = tmp_path / "userpkg" / "my_recipes"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "line.py").write_text(USER_RECIPE)
-    env = {"PYTHONPATH": f"{tmp_path / 'userpkg'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = write_user_package(tmp_path)
     result = launch(["recipe=my_recipes.line:LineRecipe", "recipe.model.hiden=8"], tmp_path, env=env)
     assert result.returncode == 2
     assert "recipe.model.hiden=8: unknown key (did you mean recipe.model.hidden?)" in result.stderr

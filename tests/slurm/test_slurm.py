@@ -31,10 +31,24 @@ SLOW_GPT = [
 ]
 
 
-def submit(slurm, tmp_path: Path, *overrides: str, dry_run: bool = False) -> subprocess.CompletedProcess:
-    env = {**slurm.env, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "launcher.slurm", "submit", *(["--dry-run"] if dry_run else []), *overrides]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+def slurm_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m launcher.slurm <args>` in tmp_path, with this repo importable (tests/ recipes)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": path,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.slurm", *args],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def submitted(result: subprocess.CompletedProcess) -> tuple[str, Path]:
@@ -55,14 +69,15 @@ def test_submit_trains_on_cpu_and_passes_overrides_literally(slurm, tmp_path):
     name = f"""semi;colon "double" 'single' $(touch {marker}) `touch {marker}`"""
     hydra_quoted = "'" + name.replace("'", "\\'") + "'"  # Hydra's own quoting of a string value
     job_id, run_dir = submitted(
-        submit(
-            slurm,
+        slurm_cli(
             tmp_path,
+            "submit",
             "slurm=cpu",
             *TINY_GPT,
             "train.steps=12",
             "checkpoint.every=6",
             f"run.name={hydra_quoted}",
+            env=slurm.env,
         )
     )
     slurm.wait_for(job_id, {""}, timeout=180)
@@ -74,18 +89,13 @@ def test_submit_trains_on_cpu_and_passes_overrides_literally(slurm, tmp_path):
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["name"] == name  # exactly as typed
     assert not marker.exists()  # neither sbatch, the batch shell nor srun ran the value
 
-    status = subprocess.run(
-        [sys.executable, "-m", "launcher.slurm", "status", str(run_dir)],
-        env=slurm.env,
-        capture_output=True,
-        text=True,
-    )
+    status = slurm_cli(tmp_path, "status", str(run_dir), env=slurm.env)
     assert f"job {job_id}: not in the queue" in status.stdout and "training: finished" in status.stdout
 
 
 def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path):
     args = [*SLOW_GPT, "train.steps=30", "checkpoint.every=100", "recipe.delay_s=0.1"]
-    job_id, run_dir = submitted(submit(slurm, tmp_path, "slurm=cpu", *args))
+    job_id, run_dir = submitted(slurm_cli(tmp_path, "submit", "slurm=cpu", *args, env=slurm.env))
     deadline = time.time() + 120
     while max(steps(run_dir), default=0) < 6:
         assert time.time() < deadline, "the job never got going"
@@ -109,6 +119,41 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path):
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
+def test_template_submitted_by_hand(slurm, tmp_path):
+    """`sbatch slurm/train.sbatch <overrides>` as a user would, overriding the GPU request for CPU."""
+    env = {
+        **slurm.env,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+        "LAUNCHER_PYTHON": sys.executable,
+        "NPROC_PER_NODE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--gpus-per-node=0",
+            "--cpus-per-task=2",
+            str(REPO / "slurm" / "train.sbatch"),
+            "recipe=digits",
+            "train.steps=20",
+            "train.log_every=5",
+            "checkpoint.every=0",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().split(";")[0]
+    slurm.wait_for(job_id, {""}, timeout=180)
+    run_dir = tmp_path / "runs" / "digits" / job_id  # named by the job id: the same across requeues
+    assert steps(run_dir) == [5, 10, 15, 20], (tmp_path / f"slurm-{job_id}.out").read_text()[-2000:]
+    assert (run_dir / "FINISHED").exists()
+
+
 def fake_cluster_tools(bin_dir: Path, log: Path) -> None:
     """srun records its argv; scontrol names two nodes; nothing else runs."""
     bin_dir.mkdir()
@@ -123,26 +168,16 @@ def fake_cluster_tools(bin_dir: Path, log: Path) -> None:
 
 
 def test_dry_run_for_two_nodes_of_eight_gpus_launches_the_expected_torchrun(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launcher.slurm",
-            "submit",
-            "--dry-run",
-            "recipe=gpt",
-            "slurm.nodes=2",
-            "slurm.gpus_per_node=8",
-            "slurm.partition=gpu",
-            "+slurm.env.NCCL_DEBUG=WARN",
-            "run.dir=/scratch/run1",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = slurm_cli(
+        tmp_path,
+        "submit",
+        "--dry-run",
+        "recipe=gpt",
+        "slurm.nodes=2",
+        "slurm.gpus_per_node=8",
+        "slurm.partition=gpu",
+        "+slurm.env.NCCL_DEBUG=WARN",
+        "run.dir=/scratch/run1",
     )
     assert result.returncode == 0, result.stderr
     script = result.stdout
@@ -165,7 +200,7 @@ def test_dry_run_for_two_nodes_of_eight_gpus_launches_the_expected_torchrun(tmp_
     log = tmp_path / "srun.argv"
     fake_cluster_tools(tmp_path / "bin", log)
     job_env = {
-        **env,
+        **os.environ,
         "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
         "SLURM_JOB_ID": "4242",
         "SLURM_NNODES": "2",
@@ -198,48 +233,21 @@ def test_dry_run_for_two_nodes_of_eight_gpus_launches_the_expected_torchrun(tmp_
 
 
 def test_submit_validates_at_the_jobs_world_size(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launcher.slurm",
-            "submit",
-            "--dry-run",
-            "parallel=pipeline",
-            "parallel.pp=3",
-            "slurm.nodes=2",
-            "slurm.gpus_per_node=2",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = slurm_cli(
+        tmp_path,
+        "submit",
+        "--dry-run",
+        "parallel=pipeline",
+        "parallel.pp=3",
+        "slurm.nodes=2",
+        "slurm.gpus_per_node=2",
     )
     assert result.returncode == 2
     assert "parallel.pp=3: does not divide world_size=4" in result.stderr
 
 
 def test_multirun_submits_one_job_per_sweep_point(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launcher.slurm",
-            "submit",
-            "--dry-run",
-            "-m",
-            "optim.lr=1e-3,1e-2",
-            "slurm=cpu",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = slurm_cli(tmp_path, "submit", "--dry-run", "-m", "optim.lr=1e-3,1e-2", "slurm=cpu")
     assert result.returncode == 0, result.stderr
     scripts = result.stdout.split("#!/bin/bash")[1:]
     assert len(scripts) == 2
@@ -249,40 +257,4 @@ def test_multirun_submits_one_job_per_sweep_point(tmp_path):
     ]
     assert [a[0] for a in argv] == ["optim.lr=0.001", "optim.lr=0.01"]  # Hydra's spelling of each point
     dirs = [a[-1] for a in argv]
-    assert all(d.startswith("run.dir=") for d in dirs)
-    assert dirs[0] != dirs[1]
-
-
-def test_template_submitted_by_hand(slurm, tmp_path):
-    """`sbatch slurm/train.sbatch <overrides>` as a user would, overriding the GPU request for CPU."""
-    env = {
-        **slurm.env,
-        "PYTHONPATH": str(REPO),
-        "LAUNCHER_PYTHON": sys.executable,
-        "NPROC_PER_NODE": "2",
-        "OMP_NUM_THREADS": "1",
-    }
-    result = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--gpus-per-node=0",
-            "--cpus-per-task=2",
-            str(REPO / "slurm" / "train.sbatch"),
-            "recipe=digits",
-            "train.steps=20",
-            "train.log_every=5",
-            "checkpoint.every=0",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    job_id = result.stdout.strip().split(";")[0]
-    slurm.wait_for(job_id, {""}, timeout=180)
-    run_dir = tmp_path / "runs" / "digits" / job_id  # named by the job id: the same across requeues
-    assert steps(run_dir) == [5, 10, 15, 20], (tmp_path / f"slurm-{job_id}.out").read_text()[-2000:]
-    assert (run_dir / "FINISHED").exists()
+    assert all(d.startswith("run.dir=") for d in dirs) and dirs[0] != dirs[1]
