@@ -59,7 +59,7 @@ def main() -> int:
 
 def _main(env: DistEnv, stop: StopFlag) -> int:
     try:
-        request = cli.parse_argv(sys.argv[1:])
+        request = cli.parse_argv(sys.argv[1:])  # raises ConfigError too
         cli.register_all(request.overrides)
         if request.hydra_only:
             cli.hydra_main(lambda cfg: None)

@@ -7,7 +7,6 @@ each problem becomes a ConfigError naming the field, the value and the valid cho
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -24,7 +23,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from launcher.config import GROUPS, Config, register_schemas
-from launcher.dist import DistEnv
 from launcher.errors import ConfigError, did_you_mean, one_of
 from launcher.recipe import (
     looks_like_import_path,
@@ -72,9 +70,15 @@ def parse_argv(argv: list[str]) -> Request:
         or args.cfg
         or args.info
         or args.shell_completion
-        or args.config_path
         or args.experimental_rerun
     )
+    if args.config_path:
+        raise ConfigError(
+            "--config-path",
+            args.config_path,
+            "replaces the launcher's own config tree",
+            "use --config-dir <dir> to add your configs (e.g. <dir>/experiment/mine.yaml)",
+        )
     return Request(
         overrides=list(args.overrides),
         multirun=bool(args.multirun),
@@ -167,7 +171,7 @@ def _compose_job(overrides: list[str], request: Request, world_size: int | Calla
                 key, _text(override), "deleting keys (~) is not supported", "set the value you want instead"
             )
         elif key in SELECTABLE:
-            _check_group_option(override)
+            _check_group_option(override, request.config_dir)
             group_overrides.append(override.input_line.lstrip("+"))
         else:
             key_overrides.append(override)
@@ -229,11 +233,12 @@ def _explain(err: Exception, overrides: list[str]) -> ConfigError:
     return ConfigError("config", "", _first_line(err), "check the overrides and conf/ YAML files")
 
 
-def _check_group_option(override: Override) -> None:
+def _check_group_option(override: Override, config_dir: str | None) -> None:
     group = override.key_or_group
-    options = (
-        GlobalHydra.instance().config_loader().get_group_options(group, results_filter=ObjectType.CONFIG)
-    )
+    loader = GlobalHydra.instance().config_loader()
+    options = set(loader.get_group_options(group, results_filter=ObjectType.CONFIG))
+    if config_dir:  # --config-dir joins the search path only when composing: list its options here
+        options |= {p.stem for p in (Path(config_dir) / group).glob("*.yaml")}
     for value in _values(override):
         if value not in options:
             raise ConfigError(
@@ -346,7 +351,3 @@ def _join(path: list[str], key: str) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
-
-
-def world_size_from_env() -> int:
-    return DistEnv.from_environ(os.environ).world_size

@@ -66,7 +66,7 @@ def train(job: Job, session: DistSession, run_dir: Path, stop: StopFlag) -> None
 class Trainer:
     def __init__(self, job: Job, session: DistSession, run_dir: Path, stop: StopFlag) -> None:
         cfg = job.cfg
-        self.cfg, self.job, self.session, self.stop, self.run_dir = cfg, job, session, stop, run_dir
+        self.cfg, self.session, self.stop = cfg, session, stop
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.recipe = job.recipe_class(cfg.recipe)

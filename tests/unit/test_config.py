@@ -114,3 +114,18 @@ def test_override_errors_name_the_field(override, field, needle):
         compose(override)
     assert err.value.field == field
     assert needle in str(err.value)
+
+
+def test_config_dir_adds_user_overlays(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ntrain:\n  steps: 7\noptim:\n  lr: 0.02\n"
+    )
+    request = cli.Request(
+        ["experiment=mine"], multirun=False, config_dir=str(tmp_path), config_name="config", hydra_only=False
+    )
+    cli.register_all(request.overrides)
+    (job,) = cli.compose_jobs(request, 1)
+    assert (job.cfg.train.steps, job.cfg.optim.lr) == (7, 0.02)
+    with pytest.raises(ConfigError, match="use --config-dir"):
+        cli.parse_argv(["--config-path", str(tmp_path)])
