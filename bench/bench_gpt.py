@@ -25,6 +25,8 @@ import torch
 CASES = {
     "1gpu": (1, []),
     "1gpu_compile": (1, ["train.compile=true"]),
+    "1gpu_ac": (1, ["train.activation_checkpointing=true"]),
+    "1gpu_fp16": (1, ["precision=fp16"]),
     "ddp2": (2, []),
     "ddp2_compile": (2, ["train.compile=true"]),
 }
