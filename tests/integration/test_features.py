@@ -159,3 +159,13 @@ def test_default_run_dir_is_shared_by_all_ranks(tmp_path):
         "rank_0.pt",
         "rank_1.pt",
     ]
+
+
+def test_deterministic_runs_repeat_exactly(tmp_path):
+    args = [*SHORT, "train.deterministic=true", "recipe.model.dropout=0.1"]
+    first = launch(args, tmp_path, run_dir=tmp_path / "first")
+    second = launch(args, tmp_path, run_dir=tmp_path / "second")
+    assert_ok(first)
+    assert_ok(second)
+    assert [m["loss"] for m in first.train_lines()] == [m["loss"] for m in second.train_lines()]
+    assert relative_diff(first.model(), second.model()) == 0.0
