@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -96,7 +95,8 @@ def render(job: cli.Job, overrides: list[str], run_dir: Path, python: str) -> st
         "RDZV_PORT": str(s.rdzv_port),
         **s.env,
     }
-    args = [*overrides, f"run.dir={run_dir}"]
+    # The job's run.dir is the resolved one below; a run.dir the user typed would only repeat it.
+    args = [o for o in overrides if not o.lstrip("+").startswith("run.dir=")] + [f"run.dir={run_dir}"]
     body = TEMPLATE.read_text().split(BODY_MARKER, 1)[1].split("\n", 1)[1]
     return "\n".join(
         [
@@ -194,5 +194,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.pop("RANK", None)  # validation as the submitter, not as a rank of some enclosing job
     sys.exit(main())

@@ -11,7 +11,15 @@ from typing import Any
 
 import torch
 
-from launcher.config import AdamWConfig, Backend, Config, DDPConfig, SGDConfig, WandbLoggerConfig
+from launcher.config import (
+    AdamWConfig,
+    Backend,
+    Config,
+    DDPConfig,
+    PipelineConfig,
+    SGDConfig,
+    WandbLoggerConfig,
+)
 from launcher.errors import ConfigError
 from launcher.parallel import check_parallel
 from launcher.parallel.comm_hooks import check_comm_hook
@@ -73,7 +81,7 @@ def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
         )
     if isinstance(cfg.logger, WandbLoggerConfig) and not cfg.logger.project:
         raise ConfigError("logger.project", cfg.logger.project, "must not be empty")
-    if isinstance(cfg.parallel, DDPConfig):
+    if isinstance(cfg.parallel, (DDPConfig, PipelineConfig)):
         _positive("parallel.bucket_cap_mb", cfg.parallel.bucket_cap_mb)
     if train.activation_checkpointing and block_layout(recipe_class) is None:
         raise ConfigError(

@@ -65,6 +65,7 @@ CASES = [
         "train.compile=True: zero-bubble schedules (zbv_zero_bubble) do not support torch.compile",
         "train.compile=false",
     ),
+    ([*PIPE, "parallel.bucket_cap_mb=-1"], 2, "parallel.bucket_cap_mb=-1.0: must be > 0", "must be > 0"),
     # explicit split points
     ([*PIPE, "parallel.split_points=[blocks.9]"], 2, "is not a block boundary", "blocks.<i>"),
     (

@@ -228,7 +228,6 @@ def test_dry_run_for_two_nodes_of_eight_gpus_launches_the_expected_torchrun(tmp_
         "slurm.partition=gpu",
         "+slurm.env.NCCL_DEBUG=WARN",
         "run.dir=/scratch/run1",
-        "run.dir=/scratch/run1",
     ]
 
 
