@@ -270,7 +270,6 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
             cfg.train.eval_batches,
             cfg.loader,
             session.device,
-            drop_last=strategy.fixed_batch_shape,
         ):
             with trainer.amp.autocast():
                 outputs = strategy.eval_forward(inputs, targets)

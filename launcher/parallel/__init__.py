@@ -34,8 +34,6 @@ class Strategy(Protocol):
     """Ranks one model replica is spread over (pp); each does 1/model_parallel_size of the FLOPs."""
     layout_id: str
     """The parallel layout; a checkpoint resumes only under the same one."""
-    fixed_batch_shape: bool
-    """Eval batches must all be full (pipeline buffers have a fixed shape)."""
     comm_hook: Any
     """The CommHook on the data-parallel group, or None (plain all-reduce, or no DP peers)."""
     comm_stats: Any

@@ -25,7 +25,7 @@ class DDPStrategy:
         self.session = session
         self.dp_rank, self.dp_size = session.rank, session.world_size
         self.shard, self.writes_shared_state = "", session.is_main
-        self.model_parallel_size, self.fixed_batch_shape = 1, False
+        self.model_parallel_size = 1
         self.layout_id = f"ddp dp={self.dp_size}"
         torch.manual_seed(cfg.train.seed)  # the same init on every rank, and as in a 1-process run
         model = recipe.build_model()

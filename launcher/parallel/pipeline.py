@@ -24,6 +24,7 @@ from launcher.errors import ConfigError
 from launcher.parallel import Batch, LossFn
 from launcher.parallel.comm_hooks import CommStats, build_comm_hook
 from launcher.parallel.dims import ParallelDims
+from launcher.parallel.eval_chain import EvalChain
 from launcher.parallel.grad_reduce import GradReducer
 from launcher.parallel.split import ModelPart, StageModule, plan_stages, stage_ids_for_rank
 from launcher.precision import MixedPrecision
@@ -144,7 +145,7 @@ class PipelineStrategy:
             mesh["dp"].get_local_rank(),
             dims.dp,
         )
-        self.model_parallel_size, self.fixed_batch_shape = dims.pp, True
+        self.model_parallel_size = dims.pp
         self.shard, self.writes_shared_state = f"_pp{self.pp_rank}", self.dp_rank == 0
         self.layout_id = f"pipeline pp={dims.pp} dp={dims.dp} schedule={p.schedule.value}"
 
@@ -166,16 +167,16 @@ class PipelineStrategy:
             for block in blocks:  # per block: graphs never span the pipeline's send/recv
                 block.compile()
         self.has_first, self.has_last = plan[0].index in stage_ids, plan[-1].index in stage_ids
+        stage_modules = {spec.index: StageModule(self.module, layout, spec) for spec in specs}
         stages = [
-            PipelineStage(
-                StageModule(self.module, layout, spec),
-                spec.index,
-                num_stages,
-                session.device,
-                group=self.pp_group,
-            )
+            PipelineStage(stage_modules[spec.index], spec.index, num_stages, session.device, group=self.pp_group)
             for spec in specs
         ]
+        owners = [0] * num_stages
+        for r in range(dims.pp):
+            for s in stage_ids_for_rank(r, dims.pp, per_rank, v_shape=name == "zbv_zero_bubble"):
+                owners[s] = r
+        self.eval_chain = EvalChain(stage_modules, owners, self.pp_group, session.device)
         # scale_grads=False: the loss function divides by microbatches x accumulation steps itself, so
         # gradients accumulated over several schedule steps stay a mean (scale_grads would rescale the sum).
         self.schedule = schedule_class(name)(
@@ -229,11 +230,8 @@ class PipelineStrategy:
         return torch.stack(losses).mean()
 
     def eval_forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-        # The schedule computes the loss on the last stage even in eval, so it needs the targets.
-        outputs = self.schedule.eval(
-            *((inputs,) if self.has_first else ()), target=targets if self.has_last else None
-        )
-        return outputs if self.has_last else None
+        # Not schedule.eval: it crashes under ZBV and needs equal microbatches (see eval_chain.py).
+        return self.eval_chain(inputs)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.module.parameters() if p.grad is not None]

@@ -1,8 +1,8 @@
 """Pipeline parallelism computes what one process computes, for every schedule, with and without DP.
 
 Each run trains 3 steps of a 4-block GPT (fp32) and is compared with a single-process run on the
-same global batch: the loss of every step and the final parameters (the union of the stages'
-checkpoint shards, which use the whole model's parameter names) within 1e-5 relative.
+same global batch: the loss of every step, the final evaluation, and the final parameters (the union
+of the stages' checkpoint shards, which use the whole model's parameter names) within 1e-5 relative.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from tests.conftest import TINY_GPT, assert_ok, launch, relative_diff
 pytestmark = pytest.mark.dist
 
 SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble"]
-ARGS = [*TINY_GPT, "recipe.model.n_layers=4", "train.steps=3", "optim.lr=3e-3", "optim.warmup_steps=1"]
+# Evaluation at the end (every schedule evaluates: torch's schedule.eval once crashed under ZBV).
+ARGS = [*TINY_GPT, "recipe.model.n_layers=4", "train.steps=3", "optim.lr=3e-3", "optim.warmup_steps=1",
+        "train.eval_every=3", "train.eval_batches=2"]
 PER_RANK_BATCH = 8  # split into 4 microbatches
 TOLERANCE = 1e-5
 
@@ -55,6 +57,8 @@ def test_pipeline_matches_single_process(schedule, nproc, dp, references, tmp_pa
         assert line["loss"] == pytest.approx(ref["loss"], rel=TOLERANCE)
         assert line["grad_norm"] == pytest.approx(ref["grad_norm"], rel=TOLERANCE)  # global over stages
         assert line["global_batch_size"] == PER_RANK_BATCH * dp
+    [evaluated], [ref_eval] = result.eval_lines(), reference.eval_lines()
+    assert evaluated["eval_loss"] == pytest.approx(ref_eval["eval_loss"], rel=TOLERANCE)
 
 
 def test_pipeline_resume_equals_uninterrupted(tmp_path):
