@@ -29,7 +29,7 @@ from launcher.config import DistConfig  # noqa: E402
 from launcher.dist import DistEnv, dist_session  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.loggers import configure_logging  # noqa: E402
-from launcher.rundir import resolve_run_dir, write_config  # noqa: E402
+from launcher.rundir import continue_command, resolve_run_dir  # noqa: E402
 
 log = logging.getLogger("launcher")
 EXIT_FAILURE, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
@@ -76,21 +76,26 @@ def run(job: cli.Job, env: DistEnv, stop: StopFlag) -> int:
     from launcher.train import WHERE, NonFiniteLoss, train
 
     stop.grace_s = job.cfg.dist.shutdown_grace_s
+    run_dir = None
     try:
         with dist_session(env, job.cfg.dist) as session:
-            run_dir = resolve_run_dir(job.cfg.run, job.recipe_name, job.output_dir, session)
+            run_dir, picked, lock = resolve_run_dir(job.cfg, job.recipe_name, job.output_dir, session)
             job.cfg.run.dir = str(run_dir)
-            if session.is_main:
-                write_config(job.cfg, run_dir)
-                log.info("run directory: %s", run_dir)
-            train(job, session, run_dir, stop)
+            if picked:
+                log.info("continuing the unfinished run of the same config (resume=never starts a new one)")
+            log.info("run directory: %s", run_dir)
+            try:
+                train(job, session, run_dir, stop)
+            finally:
+                if lock is not None:
+                    lock.release()
     except ConfigError as err:
         return report_config_error(err, env)
     except CheckpointError as err:
         log.error("%s", err)
         return EXIT_FAILURE
     except StopRequested as err:
-        log.warning("%s; resume with resume=auto", err)
+        log.warning("%s. Continue with the same command, or exactly:\n  %s", err, continue_command(run_dir))
         return 128 + err.signum
     except NonFiniteLoss as err:
         log.error("%s", err)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from launcher.dist import DistSession
+from launcher.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class Checkpointer:
 
         `read(path)` loads and verifies this rank's files without side effects; `apply` installs them.
         With resume=auto, a checkpoint that any rank cannot read is skipped, with a warning, for the
-        next older one.
+        next older one. `read` raising ConfigError (an intact checkpoint of another layout or model)
+        refuses the resume on every rank.
 
         Raises:
             CheckpointError: resume=<path> is unreadable, or checkpoints exist but none is usable.
@@ -92,10 +94,16 @@ class Checkpointer:
         candidates = [Path(resume)] if explicit else complete_checkpoints(self.root)
         for path in candidates:
             error: Exception | None = None
+            refusal: tuple | None = None
             try:
                 state = read(path)
             except CheckpointError as err:
                 error = err
+            except ConfigError as err:  # intact, but not for this run: refuse, on every rank at once
+                refusal = (err.field, err.value, err.problem, err.fix)
+            refusals = [r for r in self.session.all_gather_object(refusal) if r is not None]
+            if refusals:
+                raise ConfigError(*refusals[0])
             if self.session.all_agree(error is None):
                 apply(state)
                 return read_meta(path)["step"]
@@ -105,8 +113,9 @@ class Checkpointer:
             log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, reason)
         if candidates:
             raise CheckpointError(
-                f"none of the {len(candidates)} checkpoints in {self.root} is usable; "
-                "fix or remove them, or start fresh with resume=never"
+                f"none of the {len(candidates)} checkpoints in {self.root} could be read (see the warnings "
+                "above). They are left as they are; resume=<path> names one to try, resume=never starts "
+                "fresh in this directory, another run.dir starts elsewhere"
             )
         return None
 

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from launcher.checkpoint import Checkpointer
 from launcher.cli import Job
 from launcher.config import NonFinite
-from launcher.data import TrainStream, eval_batches
+from launcher.data import TrainStream, eval_batches, is_streaming
 from launcher.dist import DistSession
 from launcher.errors import ConfigError
 from launcher.loggers import build_logger
@@ -29,6 +29,7 @@ from launcher.metrics import MetricsFile, flops_per_micro_batch, memory_stats, p
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.parallel import build_strategy
 from launcher.precision import MixedPrecision
+from launcher.rundir import write_config
 from launcher.shutdown import StopFlag, StopRequested
 from launcher.train_state import CheckpointState, Progress, seed_everything
 
@@ -83,8 +84,16 @@ class Trainer:
             cfg.train.seed,
             cfg.loader,
             session.device,
+            split=getattr(self.recipe, "split_batch", None),
         )
         self.eval_set = self.recipe.eval_dataset() if cfg.train.eval_every else None
+        if self.eval_set is not None and not is_streaming(self.eval_set) and len(self.eval_set) == 0:
+            raise ConfigError(
+                "train.eval_every",
+                cfg.train.eval_every,
+                f"the recipe's eval dataset ({type(self.eval_set).__name__}) is empty",
+                "use train.eval_every=0, or give the recipe eval data",
+            )
 
         self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, session)
         if not session.all_agree(self.checkpointer.check_writable()):
@@ -95,14 +104,29 @@ class Trainer:
                 "fix the permissions or the path, or choose another run.dir",
             )
         self.progress = Progress()
+        identity = {
+            "recipe": f"{job.recipe_class.__module__}:{job.recipe_class.__qualname__}",
+            "recipe_config": OmegaConf.to_container(OmegaConf.structured(cfg.recipe), resolve=True),
+            "micro_batch_size": cfg.train.micro_batch_size,
+            "seed": cfg.train.seed,
+        }
         self.state = CheckpointState(
-            self.strategy, self.optimizer, self.scheduler, self.amp, self.stream, self.progress, session
+            self.strategy,
+            self.optimizer,
+            self.scheduler,
+            self.amp,
+            self.stream,
+            self.progress,
+            session,
+            identity,
         )
         WHERE.update(phase="resume", step=0)
         self.resumed = self.checkpointer.restore(cfg.resume, self.state.read, self.state.apply)
         if self.resumed is not None:
             log.info("resumed from step %d", self.resumed)
         self.saved_step = self.resumed
+        if session.is_main:  # now that training starts: config.yaml never describes a failed attempt
+            write_config(cfg, run_dir, self.progress.step)
 
         self.metrics = MetricsFile(run_dir / "metrics.jsonl")
         self.finished_marker = run_dir / FINISHED
@@ -229,7 +253,12 @@ class Trainer:
         if self.eval_set is None or (step % self.cfg.train.eval_every and step != self.last_step):
             return
         WHERE.update(phase="evaluation", step=step)
-        self._emit({"step": step, **evaluate(self)})
+        results = evaluate(self)
+        if not results:  # a stream that turned out empty: say so once, never write a bare record
+            log.warning("evaluation saw no samples (empty eval stream); evaluation is off for this run")
+            self.eval_set = None
+            return
+        self._emit({"step": step, **results})
         self.window_start = time.perf_counter()  # keep eval time out of step_time_s
 
     def _maybe_save(self, step: int, force: bool) -> None:
@@ -270,12 +299,13 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
             cfg.train.eval_batches,
             cfg.loader,
             session.device,
+            split=getattr(recipe, "split_batch", None),
         ):
             with trainer.amp.autocast():
                 outputs = strategy.eval_forward(inputs, targets)
             if outputs is None:
                 continue
-            n = len(targets)
+            n = len(targets) if isinstance(targets, torch.Tensor) else len(next(iter(targets.values())))
             values = {"eval_loss": recipe.loss(outputs, targets)}
             if extra_fn:
                 values.update(extra_fn(outputs, targets))
@@ -287,4 +317,6 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     keys = sorted(set().union(*session.all_gather_object(sorted(sums))))
     packed = torch.stack([sums.get(k, zero) for k in keys] + [count])
     session.all_reduce(packed, "sum")
+    if packed[-1].item() == 0:
+        return {}
     return {k: (packed[i] / packed[-1]).item() for i, k in enumerate(keys)}

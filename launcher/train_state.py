@@ -6,6 +6,7 @@ optimizer, LR scheduler and GradScaler. Per rank: every RNG, the data position, 
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,12 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.checkpoint import CheckpointError, load_file, read_meta
+from launcher.checkpoint import load_file, read_meta
 from launcher.data import Position, TrainStream
 from launcher.dist import DistSession
+from launcher.errors import ConfigError
 from launcher.parallel import Strategy
 from launcher.parallel.comm_hooks import hook_state_dict, load_hook_state
 from launcher.precision import MixedPrecision
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,7 +37,13 @@ class Progress:
 
 
 class CheckpointState:
-    """What a checkpoint holds for this rank, and how to put it back."""
+    """What a checkpoint holds for this rank, and how to put it back.
+
+    A checkpoint resumes on another number of data-parallel ranks (replicas hold the same model and
+    optimizer state, and the data position is global); the per-rank RNGs are then reseeded and a
+    PowerSGD state restarted, with a warning. It never resumes into another parallel layout, recipe or
+    model shape: that is refused (ConfigError) with what differs, and the checkpoint is left alone.
+    """
 
     def __init__(
         self,
@@ -44,16 +54,21 @@ class CheckpointState:
         stream: TrainStream,
         progress: Progress,
         session: DistSession,
+        identity: dict[str, Any],
     ) -> None:
+        """`identity`: what must match to resume: {"recipe": name, "recipe_config": {...}}; also
+        "micro_batch_size" and "seed" (recorded, for the resize message and reseeding)."""
         self.strategy, self.optimizer, self.scheduler, self.amp = strategy, optimizer, scheduler, amp
-        self.stream, self.progress, self.session = stream, progress, session
+        self.stream, self.progress, self.session, self.identity = stream, progress, session, identity
         self.model_file, self.optim_file = f"model{strategy.shard}.pt", f"optimizer{strategy.shard}.pt"
         self.rank_file = f"rank_{session.rank}.pt"
 
     def meta(self) -> dict[str, Any]:
         return {
             "world_size": self.session.world_size,
-            "parallel": self.strategy.layout_id,
+            "dp_size": self.strategy.dp_size,
+            "model_layout": self.strategy.layout_id,
+            **self.identity,
             "skipped_steps": self.progress.skipped_steps,
             "nonfinite_steps": self.progress.nonfinite_steps,
         }
@@ -76,24 +91,55 @@ class CheckpointState:
         return files
 
     def read(self, path: Path) -> dict[str, Any]:
+        """Load and check this rank's files. Raises CheckpointError (unusable) or ConfigError (intact,
+        but saved under another layout, recipe or model)."""
         meta = read_meta(path)
-        if meta.get("world_size") != self.session.world_size:
-            raise CheckpointError(
-                f"{path} was saved by {meta.get('world_size')} processes, this run has "
-                f"{self.session.world_size}; resume with the same number of processes"
+        self._check_identity(path, meta)
+        resized = meta.get("world_size") != self.session.world_size
+        rank_file = self.rank_file if not resized else "rank_0.pt"  # the data position is global
+        state = {"meta": meta, "resized": resized}
+        for name in (self.model_file, self.optim_file, rank_file):
+            state[name if name != rank_file else "rank"] = load_file(path, name, meta)
+        self._check_shapes(path, meta, state[self.model_file])
+        return state
+
+    def _check_identity(self, path: Path, meta: dict[str, Any]) -> None:
+        saved_layout = meta.get("model_layout")
+        if saved_layout != self.strategy.layout_id:
+            raise ConfigError(
+                "parallel",
+                self.strategy.layout_id,
+                f"checkpoint {path} was saved with `{saved_layout}`; a checkpoint resumes only under the "
+                "parallel layout it was saved with (the number of data-parallel ranks may change)",
+                f"resume with `{saved_layout}`, or start a new run with resume=never or another run.dir",
             )
-        if meta.get("parallel", self.strategy.layout_id) != self.strategy.layout_id:
-            raise CheckpointError(
-                f"{path} was saved under '{meta['parallel']}', this run is '{self.strategy.layout_id}'; "
-                "resume with the same parallel settings"
+        if meta.get("recipe") != self.identity["recipe"]:
+            raise ConfigError(
+                "recipe",
+                self.identity["recipe"],
+                f"checkpoint {path} was saved by recipe {meta.get('recipe')}",
+                f"resume with recipe={meta.get('recipe')}, or start anew (resume=never or another run.dir)",
             )
-        return {
-            "meta": meta,
-            **{
-                name: load_file(path, name, meta)
-                for name in (self.model_file, self.optim_file, self.rank_file)
-            },
-        }
+
+    def _check_shapes(self, path: Path, meta: dict[str, Any], saved: dict[str, torch.Tensor]) -> None:
+        current = self.strategy.module.state_dict()
+        problems = [f"{k} is missing" for k in current if k not in saved]
+        problems += [f"{k} is not in this model" for k in saved if k not in current]
+        problems += [
+            f"{k}: saved {tuple(saved[k].shape)}, now {tuple(current[k].shape)}"
+            for k in current
+            if k in saved and saved[k].shape != current[k].shape
+        ]
+        if problems:
+            changed = config_diff(meta.get("recipe_config") or {}, self.identity["recipe_config"], "recipe")
+            raise ConfigError(
+                "recipe",
+                self.identity["recipe"],
+                f"checkpoint {path} holds a different model ({'; '.join(problems[:3])}"
+                f"{'; ...' if len(problems) > 3 else ''}); changed since it was saved: "
+                f"{', '.join(changed) or 'nothing in the recipe config'}",
+                "resume with the saved values, or start a new run with resume=never or another run.dir",
+            )
 
     def apply(self, state: dict[str, Any]) -> None:
         self.strategy.module.load_state_dict(state[self.model_file])
@@ -101,13 +147,37 @@ class CheckpointState:
         self.optimizer.load_state_dict(optim["optimizer"])
         self.scheduler.load_state_dict(optim["scheduler"])
         self.amp.load_state_dict(optim["scaler"])
-        rank_state = state[self.rank_file]
-        set_rng_state(rank_state["rng"], self.session.device)
+        rank_state, meta = state["rank"], state["meta"]
         self.stream.restore(Position(**rank_state["data"]))
-        load_hook_state(self.strategy.comm_hook, rank_state.get("comm_hook", {}), self.session.device)
-        self.progress.step = state["meta"]["step"]
-        self.progress.skipped_steps = state["meta"].get("skipped_steps", 0)
-        self.progress.nonfinite_steps = state["meta"].get("nonfinite_steps", 0)
+        if state["resized"]:
+            seed_everything(self.identity["seed"] + 7919 * meta["step"] + self.session.rank)
+            if self.session.is_main:
+                log.warning(
+                    "resuming on %d data-parallel ranks a checkpoint saved on %s: model, optimizer and data "
+                    "position carry over exactly; per-rank random streams (dropout) are reseeded%s",
+                    self.strategy.dp_size,
+                    meta.get("dp_size"),
+                    "; PowerSGD restarts its low-rank state (error feedback and warm start)"
+                    if hook_state_dict(self.strategy.comm_hook)
+                    else "",
+                )
+        else:
+            set_rng_state(rank_state["rng"], self.session.device)
+            load_hook_state(self.strategy.comm_hook, rank_state.get("comm_hook", {}), self.session.device)
+        self.progress.step = meta["step"]
+        self.progress.skipped_steps = meta.get("skipped_steps", 0)
+        self.progress.nonfinite_steps = meta.get("nonfinite_steps", 0)
+
+
+def config_diff(saved: Any, now: Any, prefix: str) -> list[str]:
+    """'key: saved -> now' for every leaf that differs."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [
+            line
+            for key in sorted(set(saved) | set(now))
+            for line in config_diff(saved.get(key), now.get(key), f"{prefix}.{key}")
+        ]
+    return [] if saved == now else [f"{prefix}: {saved} -> {now}"]
 
 
 def seed_everything(seed: int) -> None:

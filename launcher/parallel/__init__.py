@@ -33,7 +33,7 @@ class Strategy(Protocol):
     model_parallel_size: int
     """Ranks one model replica is spread over (pp); each does 1/model_parallel_size of the FLOPs."""
     layout_id: str
-    """The parallel layout; a checkpoint resumes only under the same one."""
+    """The model's parallel layout as overrides (not the dp size); a checkpoint resumes only under it."""
     comm_hook: Any
     """The CommHook on the data-parallel group, or None (plain all-reduce, or no DP peers)."""
     comm_stats: Any

@@ -26,7 +26,7 @@ class DDPStrategy:
         self.dp_rank, self.dp_size = session.rank, session.world_size
         self.shard, self.writes_shared_state = "", session.is_main
         self.model_parallel_size = 1
-        self.layout_id = f"ddp dp={self.dp_size}"
+        self.layout_id = "parallel=ddp"
         torch.manual_seed(cfg.train.seed)  # the same init on every rank, and as in a 1-process run
         model = recipe.build_model()
         if cfg.train.activation_checkpointing:

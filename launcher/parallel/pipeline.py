@@ -147,7 +147,13 @@ class PipelineStrategy:
         )
         self.model_parallel_size = dims.pp
         self.shard, self.writes_shared_state = f"_pp{self.pp_rank}", self.dp_rank == 0
-        self.layout_id = f"pipeline pp={dims.pp} dp={dims.dp} schedule={p.schedule.value}"
+        # What the checkpoint shards depend on (not dp: replicas hold the same state), as overrides.
+        self.layout_id = (
+            f"parallel=pipeline parallel.pp={dims.pp} parallel.schedule={p.schedule.value} "
+            f"parallel.stages_per_rank={stages_per_rank(p)}"
+        )
+        if p.split_points:
+            self.layout_id += f" parallel.split_points=[{','.join(p.split_points)}]"
 
         name = p.schedule.value
         per_rank = stages_per_rank(p)
@@ -169,7 +175,9 @@ class PipelineStrategy:
         self.has_first, self.has_last = plan[0].index in stage_ids, plan[-1].index in stage_ids
         stage_modules = {spec.index: StageModule(self.module, layout, spec) for spec in specs}
         stages = [
-            PipelineStage(stage_modules[spec.index], spec.index, num_stages, session.device, group=self.pp_group)
+            PipelineStage(
+                stage_modules[spec.index], spec.index, num_stages, session.device, group=self.pp_group
+            )
             for spec in specs
         ]
         owners = [0] * num_stages
