@@ -30,6 +30,7 @@ from launcher.dist import DistEnv, dist_session  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.loggers import configure_logging  # noqa: E402
 from launcher.rundir import continue_command, resolve_run_dir  # noqa: E402
+from launcher.validate import check_train_data  # noqa: E402
 
 log = logging.getLogger("launcher")
 EXIT_FAILURE, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
@@ -60,7 +61,13 @@ def main() -> int:
 def _main(env: DistEnv, stop: StopFlag) -> int:
     try:
         request = cli.parse_argv(sys.argv[1:])  # raises ConfigError too
+        if request.help:
+            if env.is_main:
+                print(cli.help_text(request.config_dir))
+            return 0
         cli.register_all(request.overrides)
+        if request.show_config:
+            cli.compose_jobs(request, env.world_size)  # validated: --cfg never shows a config that would fail
         if request.hydra_only:
             cli.hydra_main(lambda cfg: None)
             return 0
@@ -78,6 +85,7 @@ def run(job: cli.Job, env: DistEnv, stop: StopFlag) -> int:
     stop.grace_s = job.cfg.dist.shutdown_grace_s
     run_dir = None
     try:
+        check_train_data(job.cfg, job.recipe, job.recipe_class, env.world_size)  # before any process group
         with dist_session(env, job.cfg.dist) as session:
             run_dir, picked, lock = resolve_run_dir(job.cfg, job.recipe_name, job.output_dir, session)
             job.cfg.run.dir = str(run_dir)

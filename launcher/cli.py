@@ -22,7 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from launcher.config import GROUPS, Config, register_schemas
+from launcher.config import GROUP_SCHEMAS, GROUPS, Config, register_schemas
 from launcher.errors import ConfigError, did_you_mean, one_of
 from launcher.recipe import (
     looks_like_import_path,
@@ -30,7 +30,7 @@ from launcher.recipe import (
     register_builtin_recipes,
     register_recipe_by_path,
 )
-from launcher.validate import check_config
+from launcher.validate import check_config, check_recipe, check_warmup
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
@@ -50,6 +50,8 @@ class Job:
     """Set in a multirun sweep: Hydra's per-job directory, used as the default run.dir."""
     overrides: list[str] = field(default_factory=list)
     """The command-line overrides of this job (this sweep point's, in a sweep)."""
+    recipe: Any = None
+    """The recipe instance validation built (the Trainer reuses it)."""
 
 
 @dataclass
@@ -59,7 +61,11 @@ class Request:
     config_dir: str | None
     config_name: str
     hydra_only: bool
-    """--help, --cfg, --info and friends: Hydra answers them, nothing trains."""
+    """--cfg, --info and friends: Hydra answers them, nothing trains."""
+    help: bool = False
+    """--help: the launcher's own usage text."""
+    show_config: bool = False
+    """--cfg: validated first, so what it prints would run."""
 
 
 def parse_argv(argv: list[str]) -> Request:
@@ -79,13 +85,50 @@ def parse_argv(argv: list[str]) -> Request:
             "replaces the launcher's own config tree",
             "use --config-dir <dir> to add your configs (e.g. <dir>/experiment/mine.yaml)",
         )
+    if args.config_dir and not Path(args.config_dir).is_dir():
+        raise ConfigError(
+            "--config-dir",
+            args.config_dir,
+            "is not a directory",
+            "point it at a folder holding your group folders, e.g. <dir>/experiment/mine.yaml",
+        )
     return Request(
         overrides=list(args.overrides),
         multirun=bool(args.multirun),
         config_dir=args.config_dir,
         config_name=args.config_name or CONFIG_NAME,
         hydra_only=hydra_only,
+        help=bool(args.help),
+        show_config=bool(args.cfg),
     )
+
+
+def help_text(config_dir: str | None = None) -> str:
+    """Usage, the config groups and their options (not Hydra's internal schema groups)."""
+    GlobalHydra.instance().clear()
+    lines = [
+        "usage: python -m launcher [group=option ...] [key=value ...] [-m] [--cfg job] [--config-dir DIR]",
+        "       torchrun --standalone --nproc_per_node=N -m launcher ...",
+        "",
+        "Config groups (group=option):",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="launcher"):
+        loader = GlobalHydra.instance().config_loader()
+        for group in SELECTABLE:
+            options = set(loader.get_group_options(group, results_filter=ObjectType.CONFIG))
+            if config_dir:
+                options |= {p.stem for p in (Path(config_dir) / group).glob("*.yaml")}
+            extra = ", or my_pkg.my_module:MyRecipe" if group == "recipe" else ""
+            lines.append(f"  {group:<11} {one_of(options)}{extra}")
+    lines += [
+        "",
+        "Every key can be overridden as key=value, e.g. train.steps=200 optim.lr=3e-4.",
+        "  python -m launcher --cfg job [overrides]   prints the composed, validated config (every key)",
+        "  launcher/config.py                          documents every key",
+        "  -m key=a,b,c                                a sweep: one job per value",
+        "Exit codes: 0 done, 2 invalid config, 3 non-finite loss, 128+N stopped by signal N (saved)",
+    ]
+    return "\n".join(lines)
 
 
 def register_all(overrides: list[str]) -> None:
@@ -184,6 +227,7 @@ def _compose_job(overrides: list[str], request: Request, world_size: int | Calla
         del cfg["hydra"]
     job = _to_job(cfg, choices, None, world_size)
     job.overrides = list(overrides)
+    check_warmup(job.cfg, any(o.key_or_group == "optim.warmup_steps" for o in key_overrides))
     return job
 
 
@@ -202,13 +246,21 @@ def _to_job(
         cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
         if cause:
             raise cause from None
-        raise ConfigError(getattr(err, "full_key", None) or "config", "", _first_line(err)) from None
+        key = getattr(err, "full_key", None) or ("recipe" if _fails(cfg.recipe) else "config")
+        value = choices.get("recipe", "") if key == "recipe" else ""
+        fix = (
+            "the recipe's Config checks this in __post_init__; fix the recipe.* value"
+            if key == "recipe"
+            else ""
+        )
+        raise ConfigError(key, value, _first_line(err), fix) from None
     assert isinstance(config, Config), type(config)
     recipe_class = recipe_class_for(config.recipe)
+    recipe = check_recipe(config, recipe_class)  # first: the checks below build the recipe's model too
     check_config(config, recipe_class, world_size if isinstance(world_size, int) else world_size(config))
     recipe_choice = str(choices.get("recipe") or recipe_class.__name__)
     recipe_name = recipe_choice.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
-    return Job(config, recipe_class, recipe_name, output_dir)
+    return Job(config, recipe_class, recipe_name, output_dir, recipe=recipe)
 
 
 def _compose(config_name: str, overrides: list[str]) -> DictConfig:
@@ -268,13 +320,7 @@ def _check_key(base: DictConfig, override: Override) -> None:
                     f"add it with a '+': +{key}={_text(override)}",
                 )
             if part not in node:
-                section = ".".join(path) or "the top level"
-                raise ConfigError(
-                    key,
-                    _text(override),
-                    f"unknown key{did_you_mean(_join(path, part), [_join(path, k) for k in node])}",
-                    f"valid keys in {section}: {one_of(str(k) for k in node)}",
-                )
+                raise _unknown_key(node, path, part, override)
             node = node[part]
         elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
@@ -293,6 +339,31 @@ def _check_key(base: DictConfig, override: Override) -> None:
             "the schema is fixed; '+' adds nothing here",
             f"drop the '+': {key}={_text(override)}",
         )
+
+
+def _unknown_key(node: DictConfig, path: list[str], part: str, override: Override) -> ConfigError:
+    """An unknown key, with the hint that helps: the group option that has it, or close spellings."""
+    key, keys = override.key_or_group, [str(k) for k in node if k != "hydra"]
+    if len(path) == 1 and path[0] in GROUP_SCHEMAS:
+        owners = [
+            o for o, schema in GROUP_SCHEMAS[path[0]].items() if part in {f.name for f in fields(schema)}
+        ]
+        if owners:
+            choices = " or ".join(f"{path[0]}={o}" for o in owners)
+            return ConfigError(
+                key,
+                _text(override),
+                f"{key} belongs to {choices}, which is not selected",
+                f"add {path[0]}={owners[0]} to the command",
+            )
+    section = ".".join(path) or "the top level"
+    valid = f"valid keys in {section}: {one_of(keys)}" if keys else f"{section} has no keys with this option"
+    return ConfigError(
+        key,
+        _text(override),
+        f"unknown key{did_you_mean(_join(path, part), [_join(path, k) for k in keys])}",
+        valid,
+    )
 
 
 def _reject_extra_keys(node: Any, prefix: str) -> None:
@@ -346,6 +417,14 @@ def _text(override: Override) -> str:
 
 def _join(path: list[str], key: str) -> str:
     return ".".join([*path, key]) if path else key
+
+
+def _fails(node: Any) -> bool:
+    try:
+        OmegaConf.to_object(node)
+    except Exception:  # noqa: BLE001 - only whether it fails matters
+        return True
+    return False
 
 
 def _first_line(err: BaseException) -> str:

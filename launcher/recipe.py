@@ -8,6 +8,7 @@ import path on the command line: `recipe=my_pkg.my_module:MyRecipe`.
 from __future__ import annotations
 
 import importlib
+import traceback
 from dataclasses import dataclass, is_dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -74,13 +75,15 @@ def load_recipe_class(path: str) -> type:
         raise ConfigError("recipe", path, "not an import path", "use recipe=my_pkg.my_module:MyRecipe")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except ModuleNotFoundError as err:
         raise ConfigError(
             "recipe",
             path,
             f"cannot import module {module_name!r} ({err})",
             "make the package importable (pip install -e, or PYTHONPATH) or pick a built-in recipe",
         ) from None
+    except Exception as err:  # noqa: BLE001 - the user's module failed while importing: say where
+        raise recipe_error(path, "importing its module", err) from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ConfigError("recipe", path, f"module {module_name!r} has no attribute {class_name!r}")
@@ -146,3 +149,30 @@ def resolve_blocks(model: nn.Module, layout: BlockLayout) -> nn.ModuleList:
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
         raise TypeError(f"layout.blocks={layout.blocks!r} must name an nn.ModuleList, got {type(blocks)}")
     return blocks
+
+
+def recipe_error(recipe: str, during: str, err: BaseException) -> ConfigError:
+    """A recipe's own exception as one ConfigError naming the recipe, what failed and the file:line."""
+    return ConfigError(
+        "recipe",
+        recipe,
+        f"{during} raised {type(err).__name__}: {_first_line(err)} (at {user_frame(err)})",
+        "fix the recipe; the file and line above are where it failed",
+    )
+
+
+def user_frame(err: BaseException) -> str:
+    """file:line of the innermost frame outside torch and the launcher (the recipe's own code)."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f"{err.filename}:{err.lineno}"
+    frames = traceback.extract_tb(err.__traceback__)
+    outside = [f for f in frames if not any(part in f.filename for part in _INTERNAL)]
+    frame = (outside or frames or [None])[-1]
+    return f"{frame.filename}:{frame.lineno}" if frame else "unknown location"
+
+
+_INTERNAL = ("/torch/", "/launcher/", "/importlib/", "<frozen")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]

@@ -70,7 +70,7 @@ class Trainer:
         self.cfg, self.session, self.stop = cfg, session, stop
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.recipe = job.recipe_class(cfg.recipe)
+        self.recipe = job.recipe if job.recipe is not None else job.recipe_class(cfg.recipe)
         self.strategy = build_strategy(cfg, self.recipe, session)
         seed_everything(cfg.train.seed + session.rank)  # per-rank randomness (dropout), after the shared init
         self.optimizer = build_optimizer(self.strategy.module.named_parameters(), cfg.optim, session.device)

@@ -6,6 +6,7 @@ ranges and combinations. Each failure is a ConfigError naming the field, the val
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from launcher.config import (
 from launcher.errors import ConfigError
 from launcher.parallel import check_parallel
 from launcher.parallel.comm_hooks import check_comm_hook
-from launcher.recipe import block_layout
+from launcher.recipe import block_layout, recipe_error, resolve_blocks
 
 
 def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
@@ -94,6 +95,20 @@ def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
     check_comm_hook(cfg.comm_hook)
     _check_resume(cfg.resume)
     _check_run_dir(cfg.run.dir)
+    check_run_dir(cfg)
+    check_wandb_key(cfg)
+
+
+def check_warmup(cfg: Config, overridden: bool) -> None:
+    """optim.warmup_steps > train.steps: an explicit override is an error; a default one is left to
+    the trainer's warning (a short run with the optimizer's default warmup is legitimate)."""
+    if overridden and cfg.optim.warmup_steps > cfg.train.steps:
+        raise ConfigError(
+            "optim.warmup_steps",
+            cfg.optim.warmup_steps,
+            f"is longer than the run (train.steps={cfg.train.steps}): the learning rate would never peak",
+            f"use optim.warmup_steps<={cfg.train.steps}",
+        )
 
 
 def _check_resume(resume: str) -> None:
@@ -131,3 +146,104 @@ def _at_least(field: str, value: float, minimum: float, note: str = "") -> None:
 def _positive(field: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(field, value, "must be > 0")
+
+
+def recipe_name(recipe_class: type) -> str:
+    return f"{recipe_class.__module__}:{recipe_class.__qualname__}"
+
+
+def check_recipe(cfg: Config, recipe_class: type) -> Any:
+    """Instantiate the recipe and build its model on the meta device (nothing allocated), so an error
+    in the user's code is reported once, naming the file and line, before any process starts work.
+    Returns the recipe instance (the Trainer reuses it)."""
+    name = recipe_name(recipe_class)
+    try:
+        recipe = recipe_class(cfg.recipe)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code: any exception is reported the same way
+        raise recipe_error(name, "its __init__", err) from None
+    try:
+        with torch.device("meta"):
+            model = recipe.build_model()
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise recipe_error(name, "build_model()", err) from None
+    layout = block_layout(recipe_class)
+    if layout is not None:
+        for part in (layout.pre, layout.blocks, layout.post):
+            try:
+                model.get_submodule(part)
+            except AttributeError:
+                raise ConfigError(
+                    "recipe",
+                    name,
+                    f"its layout names {part!r}, which the model built by build_model() does not have",
+                    "fix the recipe's `layout = BlockLayout(pre=..., blocks=..., post=...)`",
+                ) from None
+        try:
+            resolve_blocks(model, layout)
+        except TypeError as err:
+            raise ConfigError("recipe", name, str(err), "layout.blocks must name an nn.ModuleList") from None
+    return recipe
+
+
+def check_train_data(cfg: Config, recipe: Any, recipe_class: type, world_size: int) -> None:
+    """The train set gives every data-parallel rank a micro-batch (checked before any process group)."""
+    from launcher.data import check_train_size
+    from launcher.parallel.dims import ParallelDims
+
+    dp = world_size
+    if isinstance(cfg.parallel, PipelineConfig):
+        dp = ParallelDims.resolve(cfg.parallel.pp, cfg.parallel.dp, world_size).dp
+    try:
+        dataset = recipe.train_dataset()
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise recipe_error(recipe_name(recipe_class), "train_dataset()", err) from None
+    check_train_size(dataset, cfg.train.micro_batch_size, dp)
+
+
+def check_run_dir(cfg: Config) -> None:
+    """run.dir (or run.root) can be created and written: checked before anything starts."""
+    field, target = ("run.dir", cfg.run.dir) if cfg.run.dir else ("run.root", cfg.run.root)
+    path = Path(target).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    else:
+        probe = existing / f".launcher_probe_{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            problem = f"cannot write in {existing} ({err.strerror or err})"
+    if problem:
+        raise ConfigError(
+            field,
+            target,
+            problem,
+            "fix its permissions, or choose a writable location, e.g. run.root=/scratch/runs",
+        )
+
+
+def check_wandb_key(cfg: Config) -> None:
+    """wandb online needs an API key: say so before launch, not as a wandb traceback at set-up."""
+    logger = cfg.logger
+    mode = getattr(logger, "mode", "offline")
+    if not isinstance(logger, WandbLoggerConfig) or getattr(mode, "value", mode) != "online":
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    raise ConfigError(
+        "logger.mode",
+        "online",
+        "no wandb API key found (WANDB_API_KEY is unset and `wandb login` was not run)",
+        "run `wandb login` or set WANDB_API_KEY, or use logger.mode=offline",
+    )

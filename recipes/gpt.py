@@ -233,6 +233,15 @@ def load_tokens(cfg: TextDataConfig, vocab_size: int) -> np.ndarray:
         return read_text_bytes(stdlib_sources(), cfg.max_bytes)
     path = Path(cfg.path)
     if path.suffix == ".bin":
+        size = path.stat().st_size
+        if size == 0 or size % 2:
+            raise ConfigError(
+                "recipe.data.path",
+                cfg.path,
+                f"is {'empty' if size == 0 else f'{size} bytes, an odd size'}: a .bin holds uint16 token ids "
+                "(2 bytes each)",
+                "write the tokens with numpy: np.asarray(ids, dtype=np.uint16).tofile(path)",
+            )
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
         if len(tokens) and int(tokens.max()) >= vocab_size:
             raise ConfigError(

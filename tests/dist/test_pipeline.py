@@ -84,7 +84,9 @@ def test_resume_refuses_a_different_parallel_layout(tmp_path):
                      nproc=2))
     result = launch([*args, "parallel=ddp"], tmp_path, nproc=2)
     assert result.returncode != 0
-    assert "saved under 'pipeline pp=2 dp=1 schedule=1f1b', this run is 'ddp dp=2'" in result.output
+    assert result.returncode == 2
+    assert "was saved with `parallel=pipeline parallel.pp=2 parallel.schedule=1f1b parallel.stages_per_rank=1`" in result.output
+    assert "remove" not in result.output
 
 
 def test_pipeline_with_accumulation_bf16_clipping_and_activation_checkpointing(tmp_path):
