@@ -20,6 +20,7 @@ EARLY_STOP = StopFlag(grace_s=25.0) if __name__ == "__main__" else None
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record  # noqa: E402
 
@@ -145,18 +146,26 @@ def run_sweep(env: DistEnv, stop: StopFlag) -> int:
     """Hydra's multirun: every sweep point was validated up front; run them one after another."""
     from hydra.core.hydra_config import HydraConfig
 
+    from launcher.summary import sweep_table
+
     failed: list[int] = []
+    rows: list[tuple[list[str], int, Path | None]] = []
 
     def task(cfg) -> None:
         hydra_cfg = HydraConfig.get()
         job = cli.job_from_hydra(
             cfg, dict(hydra_cfg.runtime.choices), hydra_cfg.runtime.output_dir, env.world_size
         )
-        log.info("sweep job %s: %s", hydra_cfg.job.num, " ".join(hydra_cfg.overrides.task))
-        if run(job, env, stop) != 0:
+        overrides = list(hydra_cfg.overrides.task)
+        log.info("sweep job %s: %s", hydra_cfg.job.num, " ".join(overrides))
+        code = run(job, env, stop)
+        rows.append((overrides, code, Path(job.cfg.run.dir) if job.cfg.run.dir else None))
+        if code != 0:
             failed.append(hydra_cfg.job.num)
 
     cli.hydra_main(task)
+    if rows and env.is_main:
+        log.info("sweep results:\n%s", sweep_table(rows))
     if failed:
         log.error("sweep jobs failed: %s", failed)
     return EXIT_FAILURE if failed else 0

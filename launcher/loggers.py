@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +37,17 @@ class ConsoleLogger(NullLogger):
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            _BarHandler.bar = self.bar
 
     def log(self, record: dict[str, Any]) -> None:
         if "eval_loss" in record:
-            line = "eval " + _format(record)
-            self.bar.write(line) if self.bar else log.info(line)
+            log.info("eval " + format_record(record))
         elif self.bar:
-            self.bar.set_postfix_str(_format({k: v for k, v in record.items() if k != "step"}), refresh=False)
+            # Short, so the bar keeps its width; every field is in metrics.jsonl and the log lines.
+            short = {k: record[k] for k in ("loss", "tokens_per_s", "samples_per_s") if k in record}
+            self.bar.set_postfix_str(format_record(short), refresh=False)
         else:
-            log.info(_format(record))
+            log.info(format_record(record))
 
     def advance(self, steps: int = 1) -> None:
         if self.bar:
@@ -53,6 +56,7 @@ class ConsoleLogger(NullLogger):
     def close(self) -> None:
         if self.bar:
             self.bar.close()
+            _BarHandler.bar = None
 
 
 class WandbLogger(ConsoleLogger):
@@ -112,21 +116,54 @@ def build_logger(
     return ConsoleLogger(cfg, start_step, total_steps)
 
 
-def _format(record: dict[str, Any]) -> str:
+# Shown in metrics.jsonl and wandb, but only noise on the console.
+QUIET_KEYS = ("allreduce_bytes", "global_batch_size")
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """One console line: integers and large values with thousands separators, small ones to 4
+    significant digits; byte counters and a compression ratio of 1 (no hook) left out."""
     parts = []
     for key, value in record.items():
-        if isinstance(value, float):
-            value = f"{value:.3e}" if key == "lr" else f"{value:,.1f}" if value >= 1000 else f"{value:.4g}"
-        parts.append(f"{key} {value}")
+        if key.startswith(QUIET_KEYS) or (key == "compression_ratio" and value == 1):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            shown = str(value)
+        elif key == "lr":
+            shown = f"{value:.3e}"
+        elif isinstance(value, int) or abs(value) >= 1000:
+            shown = f"{value:,.0f}"
+        else:
+            shown = f"{value:.4g}"
+        parts.append(f"{key} {shown}")
     return " | ".join(parts)
 
 
+class _BarHandler(logging.StreamHandler):
+    """Log lines printed above a live progress bar (through tqdm.write), not into it."""
+
+    bar: Any = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.bar is None:
+            return super().emit(record)
+        try:
+            self.bar.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def configure_logging(rank: int, level: int | None = None) -> None:
-    """Python logging with the rank in every line; ranks other than 0 show warnings and errors only."""
+    """Python logging with the rank in every line. Ranks other than 0 show errors only (and no Python
+    warnings): the same warning from every rank is noise; rank 0 says it once."""
+    handler = _BarHandler(sys.stdout)
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    )
     logging.basicConfig(
-        level=level if level is not None else (logging.INFO if rank == 0 else logging.WARNING),
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
+        level=level if level is not None else (logging.INFO if rank == 0 else logging.ERROR),
+        handlers=[handler],
         force=True,
     )
+    if rank != 0:
+        warnings.filterwarnings("ignore")

@@ -104,7 +104,11 @@ def resolve_run_dir(
 
 def comparable(cfg: Any) -> dict:
     """The config as plain data without the IGNORED keys: what makes two runs the same run."""
-    data = cfg if isinstance(cfg, dict) else OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    data = (
+        cfg
+        if isinstance(cfg, dict)
+        else OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    )
     data = yaml.safe_load(yaml.safe_dump(data))  # plain types, as read back from config.yaml
     for key in IGNORED:
         *parents, leaf = key.split(".")

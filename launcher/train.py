@@ -31,6 +31,7 @@ from launcher.parallel import build_strategy
 from launcher.precision import MixedPrecision
 from launcher.rundir import write_config
 from launcher.shutdown import StopFlag, StopRequested
+from launcher.summary import model_line, run_summary
 from launcher.train_state import CheckpointState, Progress, seed_everything
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,15 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.recipe = job.recipe if job.recipe is not None else job.recipe_class(cfg.recipe)
+        self.started = time.time()
         self.strategy = build_strategy(cfg, self.recipe, session)
+        log.info("model: %s", model_line(self.strategy.module, self.strategy.model_parallel_size))
+        if cfg.optim.warmup_steps > cfg.train.steps:
+            log.warning(
+                "optim.warmup_steps=%d is longer than train.steps=%d: the learning rate never peaks",
+                cfg.optim.warmup_steps,
+                cfg.train.steps,
+            )
         seed_everything(cfg.train.seed + session.rank)  # per-rank randomness (dropout), after the shared init
         self.optimizer = build_optimizer(self.strategy.module.named_parameters(), cfg.optim, session.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
@@ -106,7 +115,9 @@ class Trainer:
         self.progress = Progress()
         identity = {
             "recipe": f"{job.recipe_class.__module__}:{job.recipe_class.__qualname__}",
-            "recipe_config": OmegaConf.to_container(OmegaConf.structured(cfg.recipe), resolve=True),
+            "recipe_config": OmegaConf.to_container(
+                OmegaConf.structured(cfg.recipe), resolve=True, enum_to_str=True
+            ),
             "micro_batch_size": cfg.train.micro_batch_size,
             "seed": cfg.train.seed,
         }
@@ -192,6 +203,8 @@ class Trainer:
             self._maybe_save(step, force=stop)
             if stop:
                 raise StopRequested(self.stop.signum or 0, step)
+        if self.session.is_main and self.metrics.path.exists():
+            log.info("%s", run_summary(self.metrics.path, time.time() - self.started))
         if self.progress.step >= self.cfg.train.steps and self.session.is_main:
             # What a Slurm batch script checks to tell "done" from "stopped early: requeue".
             self.finished_marker.write_text(

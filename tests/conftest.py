@@ -93,12 +93,16 @@ def launch(
     env: dict | None = None,
     run_dir: Path | None = None,
     torchrun_args: tuple = (),
+    pass_run_dir: bool = True,
 ) -> Result:
     """Run `python -m launcher` (nproc=0) or `torchrun --standalone --nproc_per_node=nproc -m launcher`.
 
-    The run directory defaults to tmp_path/run and is passed as run.dir.
+    The run directory defaults to tmp_path/run and is passed as run.dir, unless `args` set run.dir
+    themselves or `pass_run_dir` is False (the launcher then chooses, under tmp_path/runs).
     """
     run_dir = run_dir or tmp_path / "run"
+    own_dir = next((a.split("=", 1)[1] for a in args if a.startswith("run.dir=")), None)
+    run_dir = Path(own_dir) if own_dir else run_dir
     # The repo on the path: tests may name helper recipes under tests/ by import path.
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     full_env = {
@@ -122,7 +126,7 @@ def launch(
     else:
         cmd = [sys.executable, "-m", "launcher"]
     proc = subprocess.run(
-        [*cmd, *args, f"run.dir={run_dir}"],
+        [*cmd, *args, *([f"run.dir={run_dir}"] if pass_run_dir and not own_dir else [])],
         cwd=tmp_path,
         env=full_env,
         capture_output=True,
