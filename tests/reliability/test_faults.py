@@ -152,6 +152,8 @@ def test_signal_checkpoints_at_step_boundary_and_resume_loses_nothing(tmp_path, 
     assert elapsed < 20, elapsed  # a step (0.2 s) + a checkpoint, far below torchrun's 30 s kill timer
     stopped = max(logged_steps(run_dir))
     assert f"stopped by {sig.name} after step {stopped}; checkpoint saved" in out
+    assert "Continue with the same command, or exactly:" in out
+    assert "torchrun --standalone --nproc_per_node=2 -m launcher" in out and f"run.dir={run_dir}" in out
     assert (run_dir / "checkpoints" / f"step_{stopped}" / "meta.json").is_file()
     assert leftover_processes(run_dir) == []
 
