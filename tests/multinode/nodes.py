@@ -3,10 +3,11 @@ address and hostname (node1 10.213.0.1, node2 10.213.0.2), for multi-node tests 
 
     nodes = NamespaceNodes(); nodes.start(); proc = nodes.popen(0, [...]); ...; nodes.stop()
 
-A command runs in a node through `ip netns exec <ns> unshare --uts` with the node's hostname set, and
-`/etc/netns/<ns>/hosts` (which `ip netns exec` mounts over /etc/hosts) naming both nodes: torchrun's
+A command runs in a node through `nsenter --net` and `unshare --uts --mount`, with the node's hostname
+set and `/etc/netns/<ns>/hosts` bind-mounted over /etc/hosts, naming both nodes: torchrun's
 rendezvous and gloo resolve `node1`/`node2` to the namespace addresses, and the only link between them
-is the veth pair, so traffic goes only between the addresses created here. Every process is started
+is the veth pair, so traffic goes only between the addresses created here. (`nsenter` + `unshare
+--mount` stand in for `ip netns exec`, which would hide /sys/fs/cgroup from slurmd.) Every process is started
 in its own session and stopped by its pid; `stop()` also kills whatever is still inside a namespace
 (all of it ours) and deletes the namespaces. Namespaces left by a crashed run (their owner pid dead)
 are removed by `start()`.
@@ -36,7 +37,7 @@ def unavailable_reason() -> str | None:
     """None if namespaces can be made here (root, `ip`, `unshare`), else why not."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    for tool in ("ip", "unshare"):
+    for tool in ("ip", "unshare", "nsenter"):
         if not shutil.which(tool):
             return f"`{tool}` is not installed"
     probe = f"{PREFIX}{os.getpid()}probe"
@@ -45,7 +46,7 @@ def unavailable_reason() -> str | None:
         if result.returncode != 0:
             return f"`ip netns add` failed: {result.stderr.strip()}"
         uts = subprocess.run(
-            ["ip", "netns", "exec", probe, "unshare", "--uts", "hostname", "probe"],
+            ["nsenter", f"--net=/run/netns/{probe}", "unshare", "--uts", "--mount", "hostname", "probe"],
             capture_output=True,
             text=True,
             timeout=CMD_TIMEOUT_S,
@@ -121,9 +122,11 @@ class NamespaceNodes:
             _ip("-n", ns, "link", "set", "lo", "up")
 
     def command(self, node: int, cmd: list[str]) -> list[str]:
-        """`cmd` as run on node `node` (0 or 1): in its namespace, under its hostname."""
-        inner = 'hostname "$0" && exec "$@"'
-        return ["ip", "netns", "exec", self.namespaces[node], "unshare", "--uts", "sh", "-c", inner,
+        """`cmd` as run on node `node` (0 or 1): in its network namespace, under its hostname, with its
+        /etc/hosts. Not `ip netns exec`, which remounts /sys and so hides the cgroup tree slurmd needs."""
+        ns = self.namespaces[node]
+        inner = f'mount --bind /etc/netns/{ns}/hosts /etc/hosts && hostname "$0" && exec "$@"'
+        return ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", "sh", "-c", inner,
                 self.hostnames[node], *cmd]  # fmt: skip
 
     def popen(self, node: int, cmd: list[str], **kwargs) -> subprocess.Popen:
