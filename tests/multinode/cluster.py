@@ -66,10 +66,10 @@ class TwoNodeSlurm:
             if _alive(pid):
                 kill_pids([pid])
 
-    def run(self, *cmd: str, env: dict | None = None, timeout: float = QUERY_TIMEOUT_S):
+    def run(self, *cmd: str, env: dict | None = None, timeout: float = QUERY_TIMEOUT_S, **kwargs):
         """A command on node1 with this cluster's SLURM_CONF."""
         full_env = {**os.environ, **self.env_vars, **(env or {})}
-        return self.nodes.run(0, list(cmd), env=full_env, timeout=timeout)
+        return self.nodes.run(0, list(cmd), env=full_env, timeout=timeout, **kwargs)
 
     def job_state(self, job_id: str) -> str:
         return self.run("squeue", "-h", "-j", job_id, "-o", "%T").stdout.strip()
