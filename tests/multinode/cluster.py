@@ -111,5 +111,7 @@ MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
 JobRequeue=1
+# A requeued job starts at the next backfill pass: every second here, not every 30 s.
+SchedulerParameters=bf_interval=1
 {nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
