@@ -19,7 +19,7 @@ from tests.conftest import REPO, TINY_GPT, assert_ok, launch
 from tests.multinode.cluster import TwoNodeSlurm
 from tests.slurm.cluster import install_reason
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
 
 ARGS = [
     *TINY_GPT,
