@@ -310,10 +310,10 @@ class SlurmConfig:
     """Default launcher-<recipe>."""
     signal_lead_s: int = 120
     """Seconds before the time limit (or on preemption) that USR1 asks training to checkpoint and stop."""
-    max_requeues: int = 3
-    """Requeues after a stop without finishing (preemption, time limit, failure) before giving up."""
-    rdzv_port: int = 29500
-    """torchrun's c10d rendezvous port on the first node."""
+    max_requeues: int = -1
+    """Requeues after a signal stop (preemption, time limit); -1: no limit. A failure is never requeued."""
+    rdzv_port: int | None = None
+    """torchrun's c10d rendezvous port on the first node; default one per job (20000 + id % 20000, free)."""
     extra_sbatch: list[str] = field(default_factory=list)
     """More #SBATCH options, e.g. [--constraint=h100, --exclusive]."""
     setup: list[str] = field(default_factory=list)

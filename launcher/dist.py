@@ -180,6 +180,10 @@ def rendezvous_store(env: DistEnv, timeout: timedelta) -> dist.Store:
     else:
         url = "env://"
     store, _, _ = next(dist.rendezvous(url, rank=env.rank, world_size=env.world_size, timeout=timeout))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        # A store of this attempt's own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, srun): nothing stale in it,
+        # and restart counts differ between nodes when a lost node's agent comes back fresh.
+        return store
     return dist.PrefixStore(f"launcher/attempt_{env.restart_count}", store)
 
 

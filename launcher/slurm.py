@@ -16,19 +16,24 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from launcher import cli
-from launcher.config import Config, SlurmConfig
 from launcher.errors import ConfigError
-from launcher.rundir import new_run_id
+
+if TYPE_CHECKING:  # submit imports these itself: status and cancel must stay fast (no torch, no Hydra)
+    from launcher import cli
+    from launcher.config import Config, SlurmConfig
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
 BODY_MARKER = "### launcher.slurm: the script body starts here"
 JOB_ID_FILE = "slurm_job_id"
+JOB_ID = re.compile(r"\d+(_\d+)?")
+QUERY_TIMEOUT_S = 30
 
 
 def procs_per_node(cfg: SlurmConfig) -> int:
@@ -44,9 +49,13 @@ def check_slurm(cfg: SlurmConfig) -> None:
     for name in ("nodes", "cpus_per_task", "signal_lead_s"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"slurm.{name}", getattr(cfg, name), "must be >= 1")
-    if cfg.gpus_per_node < 0 or cfg.max_requeues < 0:
+    if cfg.gpus_per_node < 0:
+        raise ConfigError("slurm.gpus_per_node", cfg.gpus_per_node, "must be >= 0")
+    if cfg.max_requeues < -1:
+        raise ConfigError("slurm.max_requeues", cfg.max_requeues, "must be >= 0, or -1 for no limit")
+    if cfg.rdzv_port is not None and not 1024 <= cfg.rdzv_port <= 65535:
         raise ConfigError(
-            "slurm.gpus_per_node/max_requeues", f"{cfg.gpus_per_node}/{cfg.max_requeues}", "must be >= 0"
+            "slurm.rdzv_port", cfg.rdzv_port, "must be a port in 1024..65535, or null (per job)"
         )
     if cfg.nproc_per_node is not None and cfg.nproc_per_node < 1:
         raise ConfigError("slurm.nproc_per_node", cfg.nproc_per_node, "must be >= 1")
@@ -62,37 +71,50 @@ def check_slurm(cfg: SlurmConfig) -> None:
     for name, value in sbatch_values.items():
         if value is not None and re.search(r"[\r\n]", value):
             raise ConfigError(f"slurm.{name}", value, "must be one line (it becomes an #SBATCH line)")
+        if value is not None and name != "extra_sbatch" and '"' in value:
+            raise ConfigError(
+                f"slurm.{name}", value, "must not hold a double quote (#SBATCH values are quoted)"
+            )
     for key in cfg.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ConfigError(f"slurm.env.{key}", cfg.env[key], "is not a valid environment variable name")
+
+
+def sbatch_quote(option: str, value: object) -> str:
+    """`--option="value"`: sbatch's own parser splits #SBATCH lines at spaces outside double quotes."""
+    text = str(value)
+    if re.search(r'["\r\n]', text):
+        raise ConfigError(option, text, "cannot be written in an #SBATCH line (a double quote or a newline)")
+    return f'--{option}="{text}"'
 
 
 def render(job: cli.Job, overrides: list[str], run_dir: Path, python: str) -> str:
     """The sbatch script for `job`: #SBATCH lines and exports from cfg.slurm, then train.sbatch's body."""
     s = job.cfg.slurm
     sbatch = [
-        f"--job-name={s.job_name or 'launcher-' + job.recipe_name}",
+        sbatch_quote("job-name", s.job_name or "launcher-" + job.recipe_name),
         f"--nodes={s.nodes}",
         "--ntasks-per-node=1",
         f"--cpus-per-task={s.cpus_per_task}",
-        f"--time={s.time}",
+        sbatch_quote("time", s.time),
         f"--signal=B:USR1@{s.signal_lead_s}",
         "--requeue",
         "--open-mode=append",
-        f"--output={run_dir}/slurm-%j.out",
-        f"--chdir={Path.cwd()}",
+        # sbatch expands %j (and any other %x) in --output: a literal % is written %%.
+        sbatch_quote("output", str(run_dir).replace("%", "%%") + "/slurm-%j.out"),
+        sbatch_quote("chdir", Path.cwd()),
     ]
     if s.gpus_per_node:
         sbatch.append(f"--gpus-per-node={s.gpus_per_node}")
     for name in ("partition", "account", "qos", "mem"):
         if getattr(s, name):
-            sbatch.append(f"--{name}={getattr(s, name)}")
+            sbatch.append(sbatch_quote(name, getattr(s, name)))
     sbatch += s.extra_sbatch
     exports = {
         "LAUNCHER_PYTHON": python,
         "NPROC_PER_NODE": str(procs_per_node(s)),
         "MAX_REQUEUES": str(s.max_requeues),
-        "RDZV_PORT": str(s.rdzv_port),
+        **({"RDZV_PORT": str(s.rdzv_port)} if s.rdzv_port else {}),  # else one per job (train.sbatch)
         **s.env,
     }
     # The job's run.dir is the resolved one below; a run.dir the user typed would only repeat it.
@@ -115,6 +137,9 @@ def render(job: cli.Job, overrides: list[str], run_dir: Path, python: str) -> st
 
 
 def submit(overrides: list[str], multirun: bool, dry_run: bool) -> int:
+    from launcher import cli
+    from launcher.rundir import new_run_id
+
     request = cli.Request(
         overrides, multirun=multirun, config_dir=None, config_name=cli.CONFIG_NAME, hydra_only=False
     )
@@ -132,11 +157,16 @@ def submit(overrides: list[str], multirun: bool, dry_run: bool) -> int:
         if dry_run:
             print(script)
             continue
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "train.sbatch"
         path.write_text(script)
-        result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+        result = subprocess.run(
+            ["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=QUERY_TIMEOUT_S
+        )
         if result.returncode != 0:
+            # Leave nothing half-made: a run dir of ours goes; in a user's existing one only our script.
+            shutil.rmtree(run_dir) if created else path.unlink()
             print(f"launcher.slurm: sbatch failed: {result.stderr.strip()}", file=sys.stderr)
             return 1
         job_id = result.stdout.strip().split(";")[0]
@@ -146,19 +176,69 @@ def submit(overrides: list[str], multirun: bool, dry_run: bool) -> int:
 
 
 def job_id_of(target: str) -> tuple[str, Path | None]:
+    """The job id of a run directory (submitted by `submit` or by hand) or of a job id itself.
+
+    Raises ConfigError for a path that does not exist and is no job id, and for a run dir without one.
+    """
     path = Path(target)
     if path.is_dir():
-        return (path / JOB_ID_FILE).read_text().strip(), path
-    return target, None
+        if (path / JOB_ID_FILE).is_file():
+            return (path / JOB_ID_FILE).read_text().strip(), path
+        # By hand: runs/<recipe>/<job id>, and the job's output <run dir>/slurm-<job id>.out.
+        outputs = sorted(path.glob("slurm-*.out"), key=lambda p: p.stat().st_mtime, reverse=True)
+        candidates = [p.name[len("slurm-") : -len(".out")] for p in outputs] + [path.name]
+        for job_id in candidates:
+            if JOB_ID.fullmatch(job_id):
+                return job_id, path
+        raise ConfigError(
+            "target",
+            target,
+            f"is a directory without {JOB_ID_FILE} or slurm-<job id>.out",
+            "give the job id instead (squeue --me lists them)",
+        )
+    if JOB_ID.fullmatch(target):
+        return target, None
+    raise ConfigError(
+        "target", target, "is neither a run directory nor a job id", "check the path (ls runs/<recipe>/)"
+    )
+
+
+def final_state(job_id: str) -> str:
+    """COMPLETED, FAILED, CANCELLED ... from accounting (sacct), else a sentence saying it is unknown."""
+    try:
+        result = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+            capture_output=True,
+            text=True,
+            timeout=QUERY_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        result = None
+    states = result.stdout.split() if result is not None and result.returncode == 0 else []
+    if states:
+        return states[-1]
+    return "final state unknown (no Slurm accounting: sacct has no record)"
 
 
 def status(target: str) -> int:
     job_id, run_dir = job_id_of(target)
-    queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %M %R"], capture_output=True, text=True)
-    print(f"job {job_id}: {queue.stdout.strip() or 'not in the queue (finished, failed or cancelled)'}")
+    queue = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T %M %R"],
+        capture_output=True,
+        text=True,
+        timeout=QUERY_TIMEOUT_S,
+    )
+    if queue.returncode != 0 and "Invalid job id" not in queue.stderr:
+        print(f"launcher.slurm: squeue failed: {queue.stderr.strip()}", file=sys.stderr)
+        return 1
+    state = queue.stdout.strip() or f"not in the queue: {final_state(job_id)}"
+    print(f"job {job_id}: {state}")
     if run_dir is not None:
         if (run_dir / "FINISHED").exists():
             print("training: finished")
+        elif (run_dir / "STOPPED").exists():
+            stopped = json.loads((run_dir / "STOPPED").read_text())
+            print(f"training: stopped by {stopped['signal']} at step {stopped['step']}, checkpoint saved")
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists() and metrics.read_text().strip():
             print("last metrics:", metrics.read_text().strip().splitlines()[-1])
@@ -167,7 +247,7 @@ def status(target: str) -> int:
 
 def cancel(target: str) -> int:
     job_id, _ = job_id_of(target)
-    return subprocess.run(["scancel", job_id]).returncode
+    return subprocess.run(["scancel", job_id], timeout=QUERY_TIMEOUT_S).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,10 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "submit":
             return submit(args.overrides, args.multirun, args.dry_run)
+        return status(args.target) if args.verb == "status" else cancel(args.target)
     except ConfigError as err:
-        print(f"launcher: invalid config: {err}", file=sys.stderr)
+        print(
+            f"launcher: invalid config: {err}" if args.verb == "submit" else f"launcher.slurm: {err}",
+            file=sys.stderr,
+        )
         return 2
-    return status(args.target) if args.verb == "status" else cancel(args.target)
 
 
 if __name__ == "__main__":

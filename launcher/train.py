@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # only "timed out"; this says during what).
 WHERE = {"phase": "setup", "step": 0}
 FINISHED = "FINISHED"
+STOPPED = "STOPPED"
+"""Written by rank 0 when a signal stopped training: a Slurm script requeues only after such a stop."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -60,6 +62,11 @@ def train(job: Job, session: DistSession, run_dir: Path, stop: StopFlag) -> None
     try:
         trainer = Trainer(job, session, run_dir, stop)
         trainer.fit()
+    except StopRequested as err:
+        if session.is_main:
+            record = {"step": err.step, "signal": signal.Signals(err.signum).name, "stopped_at": time.time()}
+            (run_dir / STOPPED).write_text(json.dumps(record))
+        raise
     finally:
         if trainer is not None:
             trainer.logger.close()  # also when failing: wandb marks the run finished, the bar closes
@@ -145,6 +152,7 @@ class Trainer:
             self.metrics.truncate_after(self.progress.step)
             if self.progress.step < cfg.train.steps:
                 self.finished_marker.unlink(missing_ok=True)  # training on (e.g. train.steps was raised)
+            (run_dir / STOPPED).unlink(missing_ok=True)  # this attempt has not been stopped (yet)
         self.logger = build_logger(
             cfg.logger,
             session.is_main,

@@ -110,6 +110,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path):
     output = (run_dir / f"slurm-{job_id}.out").read_text()
     assert "USR1 received" in output and f"stopped by SIGTERM after step {stopped_at}" in output
     assert "SLURM_RESTART_COUNT=1" in output and f"resumed from step {stopped_at}" in output
+    assert f"preempted at step {stopped_at}, checkpoint saved, requeued" in output
     assert steps(run_dir) == list(range(1, 31))  # each step exactly once
     assert (run_dir / "FINISHED").exists()
     straight = launch(args, tmp_path, nproc=2, run_dir=tmp_path / "straight")
@@ -120,19 +121,19 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path):
 
 
 def test_template_submitted_by_hand(slurm, tmp_path):
-    """`sbatch slurm/train.sbatch <overrides>` as a user would, overriding the GPU request for CPU."""
+    """`sbatch slurm/train.sbatch <overrides>` as a user would on a CPU partition: no GPU request to
+    undo, one process per CPU of the task, the output in the run directory, and `status` on that
+    run directory (it has no slurm_job_id file) without importing torch."""
     env = {
         **slurm.env,
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
         "LAUNCHER_PYTHON": sys.executable,
-        "NPROC_PER_NODE": "2",
         "OMP_NUM_THREADS": "1",
     }
     result = subprocess.run(
         [
             "sbatch",
             "--parsable",
-            "--gpus-per-node=0",
             "--cpus-per-task=2",
             str(REPO / "slurm" / "train.sbatch"),
             "recipe=digits",
@@ -150,8 +151,28 @@ def test_template_submitted_by_hand(slurm, tmp_path):
     job_id = result.stdout.strip().split(";")[0]
     slurm.wait_for(job_id, {""}, timeout=180)
     run_dir = tmp_path / "runs" / "digits" / job_id  # named by the job id: the same across requeues
-    assert steps(run_dir) == [5, 10, 15, 20], (tmp_path / f"slurm-{job_id}.out").read_text()[-2000:]
-    assert (run_dir / "FINISHED").exists()
+    output = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert steps(run_dir) == [5, 10, 15, 20], output[-2000:]
+    assert (run_dir / "FINISHED").exists() and "2 processes per node" in output
+    assert (tmp_path / f"slurm-{job_id}.out").read_text().strip() == (
+        f"launcher.slurm: the job's output continues in runs/digits/{job_id}/slurm-{job_id}.out"
+    )
+
+    probe = (
+        "import sys, launcher.slurm as s; code = s.main(sys.argv[1:]); print('torch' in sys.modules, code)"
+    )
+    for target in (str(run_dir), job_id):
+        status = subprocess.run(
+            [sys.executable, "-c", probe, "status", target],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+        assert f"job {job_id}: not in the queue: final state unknown (no Slurm accounting" in status.stdout
+        assert status.stdout.strip().endswith("False 0")  # torch was never imported
+        assert ("training: finished" in status.stdout) == (target == str(run_dir))
 
 
 def fake_cluster_tools(bin_dir: Path, log: Path) -> None:
@@ -185,7 +206,7 @@ def test_dry_run_for_two_nodes_of_eight_gpus_launches_the_expected_torchrun(tmp_
         "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=8",
-        "#SBATCH --partition=gpu",
+        '#SBATCH --partition="gpu"',
         "#SBATCH --signal=B:USR1@120",
         "#SBATCH --requeue",
         "#SBATCH --open-mode=append",
@@ -218,7 +239,7 @@ def test_dry_run_for_two_nodes_of_eight_gpus_launches_the_expected_torchrun(tmp_
         "--nnodes=2",
         "--nproc_per_node=8",
         "--rdzv_backend=c10d",
-        "--rdzv_endpoint=node-a:29500",
+        "--rdzv_endpoint=node-a:24242",  # 20000 + job id mod 20000: jobs sharing a node never share it
         "--rdzv_id=4242",
         "-m",
         "launcher",
