@@ -8,6 +8,7 @@ for measurements that need several servers. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from launcher.serve.engine import build_engine
 from launcher.trained import load_trained
 from tests.conftest import DIGITS_150, REPO, assert_ok, launch
 
-# A 2-layer byte GPT, 120 steps: learns enough structure in ~10 s on 2 cores for greedy text to vary.
+# A 2-layer byte GPT, 60 steps: a few seconds on 2 cores; enough structure for greedy text to vary.
 GPT_SMALL = [
     "recipe=gpt",
     "recipe.model.d_model=64",
@@ -34,15 +35,17 @@ GPT_SMALL = [
     "recipe.model.n_heads=2",
     "recipe.model.seq_len=64",
     "recipe.data.max_bytes=400000",
-    "train.steps=120",
+    "train.steps=60",
     "train.micro_batch_size=16",
     "optim.lr=3e-3",
-    "train.eval_every=120",
+    "train.eval_every=60",
     "train.eval_batches=4",
-    "train.log_every=40",
+    "train.log_every=20",
     "checkpoint.every=0",
 ]
 STARTUP_TIMEOUT_S = 60
+# Fast export settings: few latency repeats, two batch sizes.
+FAST_EXPORT = ["export.latency_repeats=2", "export.latency_batch_sizes=[1,8]"]
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +62,18 @@ def gpt_run(tmp_path_factory) -> Path:
     result = launch(GPT_SMALL, tmp, timeout=120)
     assert_ok(result)
     return result.run_dir
+
+
+@pytest.fixture(scope="session")
+def digits_export(digits_run, tmp_path_factory) -> tuple[Path, dict]:
+    """The digits run pruned by 0.3 and int8-quantized: (export dir, its report)."""
+    pytest.importorskip("torchao", reason="int8 export uses torchao")
+    from launcher import export
+
+    out = tmp_path_factory.mktemp("digits_export") / "int8"
+    args = [str(digits_run), "export.prune_amount=0.3", f"export.out={out}", *FAST_EXPORT]
+    assert export.main(args) == 0
+    return out, json.loads((out / "export_report.json").read_text())
 
 
 def cli_env() -> dict[str, str]:
