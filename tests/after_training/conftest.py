@@ -15,10 +15,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 
 from launcher.config import ServeConfig
@@ -111,7 +111,8 @@ class ServerProcess:
                 )
             time.sleep(0.1)
         self.url = f"http://127.0.0.1:{self.port_file.read_text()}"
-        assert requests.get(f"{self.url}/health", timeout=10).json()["status"] == "ok"
+        with urllib.request.urlopen(f"{self.url}/health", timeout=10) as response:
+            assert json.loads(response.read())["status"] == "ok"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
