@@ -48,6 +48,15 @@ STARTUP_TIMEOUT_S = 60
 FAST_EXPORT = ["export.latency_repeats=2", "export.latency_batch_sizes=[1,8]"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These models are tiny: a second intra-op thread only spins (and the CI machine has 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("digits")

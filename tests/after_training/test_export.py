@@ -131,3 +131,26 @@ def test_bad_input_exits_2_with_a_message(digits_run, tmp_path, capsys):
     )
     assert proc.returncode == 2, proc.stderr
     assert "export.prune_amount=1.5" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pipeline_shards_are_merged_and_old_runs_guess_their_recipe(digits_run, tmp_path):
+    """A checkpoint in the pipeline layout (model_pp0.pt + model_pp1.pt, whole-model names) loads as one
+    model; one without a recorded recipe (older runs) is matched to the built-in recipe by its config."""
+    run = tmp_path / "pp_run"
+    shutil.copytree(digits_run, run)
+    ckpt = next((run / "checkpoints").glob("step_*"))
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    first = {k: v for k, v in state.items() if k.startswith(("stem.", "blocks.0."))}
+    shards = {"model_pp0.pt": first, "model_pp1.pt": {k: v for k, v in state.items() if k not in first}}
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "model.pt").unlink()
+    del meta["files"]["model.pt"], meta["recipe"]
+    for name, part in shards.items():
+        torch.save(part, ckpt / name)
+        meta["files"][name] = export.sha256(ckpt / name)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    trained = load_trained(run)
+    assert trained.recipe_path == "digits"
+    loaded = trained.model.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
