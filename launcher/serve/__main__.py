@@ -19,6 +19,8 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
+
 from launcher.checkpoint import CheckpointError
 from launcher.config import ServeConfig
 from launcher.errors import ConfigError
@@ -38,6 +40,17 @@ def check_serve_config(cfg: ServeConfig) -> None:
             raise ConfigError(f"serve.{name}", getattr(cfg, name), "must be >= 1")
     if cfg.max_wait_ms < 0:
         raise ConfigError("serve.max_wait_ms", cfg.max_wait_ms, "must be >= 0", "0 = never wait for company")
+    if cfg.device != "auto":
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise ConfigError(
+                "serve.device", cfg.device, "not a device", "use auto, cpu, cuda or cuda:<k>"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                "serve.device", cfg.device, "CUDA is not available here", "use serve.device=cpu"
+            )
     if not 0 <= cfg.port < 65536:
         raise ConfigError("serve.port", cfg.port, "must be in [0, 65535]", "0 picks a free port")
 

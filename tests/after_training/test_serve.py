@@ -241,3 +241,5 @@ def test_serve_bad_input_exits_2(gpt_run, tmp_path, capsys):
     assert "serve.max_batch_size=0" in capsys.readouterr().err
     assert serve_cli.main([str(gpt_run), "serve.max_batch=4"]) == 2
     assert "did you mean max_batch_size" in capsys.readouterr().err
+    assert serve_cli.main([str(gpt_run), "serve.device=gpu0"]) == 2
+    assert "serve.device=gpu0: not a device" in capsys.readouterr().err
