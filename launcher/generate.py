@@ -40,6 +40,9 @@ def read_requests(path: Path) -> list[object]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     try:
         if "--prompts" not in argv or argv.index("--prompts") + 1 >= len(argv):
             raise ConfigError("--prompts", "", "missing", USAGE)

@@ -7,7 +7,6 @@ its own answer.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -48,9 +47,6 @@ def build_app(engine: Any, cfg: ServeConfig, info: dict[str, Any]) -> web.Applic
             return web.json_response({"error": str(err)}, status=err.status)
         try:
             answer = await batcher.submit(item)
-        except asyncio.CancelledError:
-            batcher.stats.requests["cancelled"] += 1
-            raise
         except Exception as err:  # noqa: BLE001 - reported to this client only
             batcher.stats.requests["failed"] += 1
             log.exception("batch failed")
