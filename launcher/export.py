@@ -127,8 +127,8 @@ def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             out[name] = module.weight
-        elif hasattr(module, "_packed_params"):  # torch.ao dynamic quantized Linear
-            out[name] = module.weight()
+        elif _is_fallback_linear(module):
+            out[name] = module.weight()  # torch.ao's dynamic quantized Linear (the fallback)
     return out
 
 
@@ -147,10 +147,18 @@ def serialized_bytes(tensors: dict[str, Any]) -> int:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Logical parameter count (a quantized weight counts its elements, not its storage)."""
-    return sum(w.numel() for w in model.state_dict().values() if isinstance(w, torch.Tensor)) - sum(
-        buf.numel() for buf in model.buffers()
-    )
+    """Logical parameter count: a quantized weight counts its elements, not its bytes."""
+    count = 0
+    for module in model.modules():
+        count += sum(p.numel() for p in module.parameters(recurse=False))
+        if _is_fallback_linear(module):  # its weight and bias live in packed params, not parameters
+            bias = module.bias()
+            count += module.weight().numel() + (bias.numel() if bias is not None else 0)
+    return count
+
+
+def _is_fallback_linear(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear" and callable(getattr(module, "weight", None))
 
 
 def sparsity(model: nn.Module) -> float:

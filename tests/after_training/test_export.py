@@ -154,3 +154,20 @@ def test_pipeline_shards_are_merged_and_old_runs_guess_their_recipe(digits_run, 
     loaded = trained.model.state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_fallback_without_torchao_is_loadable(digits_run, tmp_path, monkeypatch):
+    """torch's deprecated quantize_dynamic, used when torchao is missing: the export loads and agrees."""
+    monkeypatch.setattr(export, "quantize_backend", lambda: "torch.ao")
+    out = tmp_path / "fallback"
+    args = [digits_run, f"export.out={out}", "export.latency_batch_sizes=[1]", "export.latency_repeats=1"]
+    assert run_export(args) == 0
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["settings"]["quantize_backend"] == "torch.ao"
+    exported = load_trained(out)
+    assert exported.export_meta["quantize_backend"] == "torch.ao"
+    loader = export.eval_loader(exported.recipe, 64, 0)
+    assert report["after"]["eval"] == pytest.approx(export.evaluate(exported.model, exported.recipe, loader))
+    assert report["after"]["eval"]["eval_accuracy"] >= report["before"]["eval"]["eval_accuracy"] - 0.02
+    assert report["after"]["parameters"] == report["before"]["parameters"]
+    assert report["before"]["linear_weight_bytes"] / report["after"]["linear_weight_bytes"] >= 3.0
