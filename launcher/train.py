@@ -31,7 +31,6 @@ from launcher.parallel import build_strategy
 from launcher.precision import MixedPrecision
 from launcher.shutdown import StopFlag, StopRequested
 from launcher.train_state import CheckpointState, Progress, seed_everything
-from launcher.trained import recipe_import_path
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,6 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.recipe = job.recipe_class(cfg.recipe)
-        self.recipe_path = recipe_import_path(job.recipe_class)
         self.strategy = build_strategy(cfg, self.recipe, session)
         seed_everything(cfg.train.seed + session.rank)  # per-rank randomness (dropout), after the shared init
         self.optimizer = build_optimizer(self.strategy.module.named_parameters(), cfg.optim, session.device)
@@ -243,8 +241,7 @@ class Trainer:
         if self.saved_step == step:
             return self.checkpointer.root / f"step_{step}"
         WHERE.update(phase="checkpoint save", step=step)
-        meta = {**self.state.meta(), "recipe": self.recipe_path}  # lets launcher.export rebuild the model
-        path = self.checkpointer.save(step, self.state.files(), meta)
+        path = self.checkpointer.save(step, self.state.files(), self.state.meta())
         self.saved_step = step
         log.info("saved %s", path)
         self.window_start = time.perf_counter()  # keep checkpoint time out of step_time_s
