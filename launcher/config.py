@@ -381,3 +381,53 @@ def register_recipe_schema(name: str, config_class: type, *, as_option: bool = F
     """
     group = "recipe" if as_option else "schema/recipe"
     ConfigStore.instance().store(group=group, name=name, node=config_class)
+
+
+# --- after training: `python -m launcher.export` / `launcher.serve` / `launcher.generate` -------------
+# Not part of `Config`: these tools read a finished run directory and take their own `export.*` /
+# `serve.*` overrides on their command line (launcher/trained.py parses them).
+
+
+class Quantize(str, Enum):
+    int8_dynamic = "int8_dynamic"
+    none = "none"
+
+
+@dataclass
+class ExportConfig:
+    prune_amount: float = 0.0
+    """Fraction of Linear weights set to zero by L1 magnitude, in [0, 1); 0 = no pruning."""
+    prune_scope: str = "global"
+    """`global`: the smallest weights over all Linear layers together; `layer`: that fraction per layer."""
+    quantize: Quantize = Quantize.int8_dynamic
+    """`int8_dynamic`: int8 Linear weights, activations quantized per batch (torchao); `none`: fp32."""
+    out: str | None = None
+    """Directory of the exported model and its report; default `<run dir>/export`."""
+    eval_batches: int = 0
+    """Eval batches for the before/after comparison; 0 = the whole eval split."""
+    batch_size: int = 64
+    """Batch size of that evaluation."""
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    """CPU latency per batch is measured at these batch sizes, before and after."""
+    latency_repeats: int = 5
+    """Timed repeats per batch size (the median is reported)."""
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0 for every interface)."""
+    port: int = 8000
+    """TCP port; 0 picks a free one (printed at start-up and written to `port_file`)."""
+    port_file: str | None = None
+    """Write the bound port to this file once the server accepts requests."""
+    max_batch_size: int = 8
+    """Requests answered by one forward pass (one generation loop for text models)."""
+    max_wait_ms: float = 5.0
+    """How long the first queued request waits for others to fill its batch."""
+    max_new_tokens: int = 32
+    """Text models: default and upper bound of a request's `max_new_tokens`."""
+    max_request_bytes: int = 1_000_000
+    """Larger request bodies are refused with HTTP 413."""
+    device: str = "auto"
+    """auto = cuda when available, else cpu."""

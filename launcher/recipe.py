@@ -43,6 +43,9 @@ class Recipe(Protocol):
       - `layout: BlockLayout` — enables activation checkpointing and pipeline splitting.
       - `tokens_per_sample: int` — throughput is then logged as tokens/s instead of samples/s.
       - `eval_metrics(outputs, targets) -> dict[str, Tensor]` — extra per-batch means for eval.
+      - `generator(model) -> TextGenerator` — inference hook for text models, used by
+        `launcher.serve`/`launcher.generate` (see launcher/serve/engine.py). Without it a recipe is
+        served tensor in, tensor out: `model(inputs)` on a batch of inputs shaped like its eval samples.
     """
 
     Config: ClassVar[type]

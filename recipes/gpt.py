@@ -296,3 +296,9 @@ class GPTRecipe:
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def generator(self, model: nn.Module):
+        """Inference hook (optional in the recipe protocol): greedy text generation with a KV cache."""
+        from recipes.gpt_generate import GreedyGenerator
+
+        return GreedyGenerator(model, self.cfg.model.seq_len, self.cfg.model.vocab_size)
