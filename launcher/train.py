@@ -134,7 +134,9 @@ class Trainer:
         self.flops_per_step: float | None = None
         self.last_step = cfg.train.stop_at_step or cfg.train.steps
         # Looking inside: step timing and GPU telemetry on log steps, the profiler over its window.
-        comm_params = self.strategy.module.parameters() if self.strategy.comm_stats is not None else None
+        # (No exposed-comm timing under torch.compile: hooks added for one step would make Dynamo recompile.)
+        timed_comm = self.strategy.comm_stats is not None and not cfg.train.compile
+        comm_params = self.strategy.module.parameters() if timed_comm else None
         self.timer = StepTimer(cfg.metrics.step_timing, session.device, comm_params)
         self.telemetry = GpuTelemetry(cfg.metrics.gpu_telemetry, session)
         if session.is_main:
