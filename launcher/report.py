@@ -247,11 +247,11 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
             for suffix, steps, values, style in _lines(run, name):
                 if not steps:
                     continue
-                label = f"{run.label}: {suffix}" if len(runs) > 1 or suffix != name else run.label
+                label = f"{run.label}: {suffix}" if len(runs) > 1 else suffix
                 ax.plot(steps, values, label=label, **{"color": color, **style} if len(runs) > 1 else style)
                 drawn += 1
         if drawn:
-            ax.set_title(title)
+            ax.set_title(title if len(runs) > 1 else f"{title}: {runs[0].label}")
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
