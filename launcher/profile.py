@@ -89,7 +89,7 @@ def check_profile(cfg: ProfileConfig, run_steps: int) -> None:
 
 
 def active_steps(cfg: ProfileConfig, first_step: int, last_step: int) -> list[int]:
-    """The training steps whose ops a profile of this run records (for tests and the summary)."""
+    """The training steps whose ops a profile of this run records."""
     cycle = cfg.wait + cfg.warmup + cfg.active
     steps = []
     for c in range(cfg.repeat):
@@ -190,4 +190,6 @@ def build_profiler(
             first_step - 1,
             window_steps(cfg),
         )
+    if session.is_main:
+        log.info("profiling steps %s into %s", active_steps(cfg, first_step, last_step), run_dir / "profile")
     return StepProfiler(cfg, run_dir, session.rank, device, first_step)
