@@ -8,7 +8,8 @@ norm, compression ratio when a comm hook compressed), several runs overlaid with
 restarts/requeues, skipped and non-finite steps. OUT defaults to `<RUN_DIR>/report` for one run and
 `./report` for several. Reads `metrics.jsonl` (and `starts.jsonl`, `config.yaml`, `FINISHED`) only, so
 it works on a run still in progress (a half-written last line is ignored) and on a requeued one.
-Exit code 2 when a directory has no metrics to report.
+Prints report.md, then the summaries as one JSON line (for scripts). Exit code 2 when a directory has
+no metrics to report.
 """
 
 from __future__ import annotations
