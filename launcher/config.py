@@ -147,6 +147,39 @@ class DistConfig:
 class MetricsConfig:
     peak_tflops: float | None = None
     """Per-device peak TFLOP/s for MFU; default from the GPU name (bf16 dense). No MFU on CPU."""
+    step_timing: bool = True
+    """On log steps, split the step into time_data_s, time_forward_backward_s, time_optimizer_s and
+    (with data-parallel peers) time_comm_s, the exposed gradient communication (launcher/timing.py)."""
+    gpu_telemetry: bool = True
+    """On log steps, each rank's GPU utilisation, memory, power and temperature from NVML
+    (launcher/telemetry.py); nothing without a GPU or without nvidia-ml-py."""
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler over a window of steps (launcher/profile.py); off by default."""
+
+    enabled: bool = False
+    """Profile: per-rank Chrome/Perfetto traces and a key_averages table under <run dir>/profile/."""
+    wait: int = 1
+    """Steps skipped at the start of each cycle (from this run's first step)."""
+    warmup: int = 1
+    """Steps traced but discarded (the profiler's own start-up cost lands here)."""
+    active: int = 3
+    """Steps recorded in each cycle's trace."""
+    repeat: int = 1
+    """Cycles of wait + warmup + active; each writes its own trace per rank."""
+    record_shapes: bool = False
+    """Record input shapes of each op (torch.profiler record_shapes)."""
+    memory: bool = False
+    """Record tensor allocations (torch.profiler profile_memory)."""
+    with_stack: bool = False
+    """Record Python stacks of ops (torch.profiler with_stack); large traces."""
+    row_limit: int = 25
+    """Rows of the key_averages table (top ops by device time, or CPU time on CPU)."""
+    nvtx: bool = False
+    """Also emit the loop's named ranges as NVTX ranges, for Nsight Systems (`nsys profile ...`);
+    works with profile.enabled=false. Needs CUDA."""
 
 
 @dataclass
@@ -288,6 +321,12 @@ class WandbLoggerConfig(ConsoleLoggerConfig):
 
 
 @dataclass
+class TensorBoardLoggerConfig(ConsoleLoggerConfig):
+    flush_s: float = 30.0
+    """Seconds between flushes of the event file to disk (also flushed at the end)."""
+
+
+@dataclass
 class SlurmConfig:
     """Read by `python -m launcher.slurm submit` only; training ignores it."""
 
@@ -333,7 +372,7 @@ class Config:
     optim: Any = MISSING
     """Optimizer and learning-rate schedule: `adamw` or `sgd`."""
     logger: Any = MISSING
-    """`console` or `wandb` (rank 0 only)."""
+    """`console`, `wandb` or `tensorboard` (rank 0 only)."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -341,6 +380,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in run.dir (none: start fresh);
@@ -357,7 +397,11 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
         "powersgd": PowerSGDConfig,
     },
     "optim": {"adamw": AdamWConfig, "sgd": SGDConfig},
-    "logger": {"console": ConsoleLoggerConfig, "wandb": WandbLoggerConfig},
+    "logger": {
+        "console": ConsoleLoggerConfig,
+        "wandb": WandbLoggerConfig,
+        "tensorboard": TensorBoardLoggerConfig,
+    },
 }
 
 # Groups the user picks with `group=option` on the command line.

@@ -1,4 +1,5 @@
-"""Where metrics go besides metrics.jsonl: the console (rank 0) and, optionally, wandb (rank 0)."""
+"""Where metrics go besides metrics.jsonl: the console (rank 0) and, optionally, wandb or TensorBoard
+(rank 0)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConsoleLoggerConfig, WandbLoggerConfig
+from launcher.config import ConsoleLoggerConfig, TensorBoardLoggerConfig, WandbLoggerConfig
 
 log = logging.getLogger("launcher")
 
@@ -93,11 +94,55 @@ class WandbLogger(ConsoleLogger):
 
     def log(self, record: dict[str, Any]) -> None:
         super().log(record)
-        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self.run.log({k: v for k, v in scalars(record).items() if k != "step"}, step=record["step"])
 
     def close(self) -> None:
         super().close()
         self.run.finish()  # idempotent in wandb
+
+
+class TensorBoardLogger(ConsoleLogger):
+    """Console plus TensorBoard event files in `<run dir>/tensorboard/`.
+
+    A resumed run appends to the same directory with `purge_step`: TensorBoard then drops what an
+    earlier attempt logged after the checkpoint it resumed from, so each step shows once.
+    """
+
+    def __init__(self, cfg: TensorBoardLoggerConfig, start_step: int, total_steps: int, run_dir: Path):
+        super().__init__(cfg, start_step, total_steps)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(
+            log_dir=str(run_dir / "tensorboard"),
+            purge_step=start_step + 1 if start_step else None,
+            flush_secs=max(1, int(cfg.flush_s)),
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        super().log(record)
+        for key, value in scalars(record).items():
+            if key != "step":  # tags as in metrics.jsonl: loss, eval_loss, lr, gpus/rank0/util_pct ...
+                self.writer.add_scalar(key, value, global_step=record["step"])
+
+    def close(self) -> None:
+        super().close()
+        self.writer.close()  # idempotent
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics record as flat scalars: per-rank lists (e.g. `gpus`) become `gpus/rank<r>/<key>`."""
+    flat: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    rank = item.get("rank")
+                    for k, v in item.items():
+                        if k != "rank" and isinstance(v, (int, float)):
+                            flat[f"{key}/rank{rank}/{k}"] = v
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = value
+    return flat
 
 
 def build_logger(
@@ -113,6 +158,8 @@ def build_logger(
         return NullLogger()
     if isinstance(cfg, WandbLoggerConfig):
         return WandbLogger(cfg, start_step, total_steps, run_dir, config, name)
+    if isinstance(cfg, TensorBoardLoggerConfig):
+        return TensorBoardLogger(cfg, start_step, total_steps, run_dir)
     return ConsoleLogger(cfg, start_step, total_steps)
 
 
@@ -125,6 +172,8 @@ def format_record(record: dict[str, Any]) -> str:
     significant digits; byte counters and a compression ratio of 1 (no hook) left out."""
     parts = []
     for key, value in record.items():
+        if isinstance(value, (list, dict)) or key == "timestamp":
+            continue  # per-rank detail (e.g. gpus): in metrics.jsonl, too long for a console line
         if key.startswith(QUIET_KEYS) or (key == "compression_ratio" and value == 1):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -29,9 +29,13 @@ from launcher.metrics import MetricsFile, flops_per_micro_batch, memory_stats, p
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.parallel import build_strategy
 from launcher.precision import MixedPrecision
+from launcher.profile import build_profiler, phase
 from launcher.rundir import write_config
 from launcher.shutdown import StopFlag, StopRequested
+from launcher.starts import record_start
 from launcher.summary import model_line, run_summary
+from launcher.telemetry import GpuTelemetry
+from launcher.timing import StepTimer
 from launcher.train_state import CheckpointState, Progress, seed_everything
 
 log = logging.getLogger(__name__)
@@ -70,10 +74,13 @@ def train(job: Job, session: DistSession, run_dir: Path, stop: StopFlag) -> None
     finally:
         if trainer is not None:
             trainer.logger.close()  # also when failing: wandb marks the run finished, the bar closes
+            if trainer.profiler is not None:
+                trainer.profiler.close()  # a window cut short by a stop or failure is still written
 
 
 class Trainer:
     def __init__(self, job: Job, session: DistSession, run_dir: Path, stop: StopFlag) -> None:
+        self.profiler = None
         cfg = job.cfg
         self.cfg, self.session, self.stop = cfg, session, stop
         if cfg.train.deterministic:
@@ -169,6 +176,16 @@ class Trainer:
         self.peak = peak_flops(session.device, cfg.metrics.peak_tflops)
         self.flops_per_step: float | None = None
         self.last_step = cfg.train.stop_at_step or cfg.train.steps
+        # Looking inside: step timing and GPU telemetry on log steps, the profiler over its window.
+        # (No exposed-comm timing under torch.compile: hooks added for one step would make Dynamo recompile.)
+        timed_comm = self.strategy.comm_stats is not None and not cfg.train.compile
+        comm_params = self.strategy.module.parameters() if timed_comm else None
+        self.timer = StepTimer(cfg.metrics.step_timing, session.device, comm_params)
+        self.telemetry = GpuTelemetry(cfg.metrics.gpu_telemetry, session)
+        if session.is_main:
+            record_start(run_dir, self.progress.step, session.world_size)
+        first = self.progress.step + 1
+        self.profiler = build_profiler(cfg.profile, run_dir, session, first, self.last_step, self.timer)
         log.info(
             "training %s: %d steps, global batch %d (%d per rank x %d accumulation x %d data-parallel ranks)",
             job.recipe_name,
@@ -182,33 +199,39 @@ class Trainer:
     def fit(self) -> None:
         if self.resumed is not None and self.resumed >= self.last_step:
             log.info("nothing to do: the run already reached step %d", self.resumed)
-        self.window_start, self.window_steps = time.perf_counter(), 0
         if self.session.any_rank(self.stop.signum is not None)[0]:  # signalled during setup: nothing to save
             raise StopRequested(self.stop.signum or signal.SIGTERM, self.progress.step, saved=False)
+        self.window_start, self.window_steps = time.perf_counter(), 0  # after the peers finished setup
         for step in range(self.progress.step + 1, self.last_step + 1):
             WHERE.update(phase="train step", step=step)
-            micro_batches = [next(self.stream) for _ in range(self.cfg.train.grad_accum_steps)]
+            self.timer.begin(self._is_log_step(step))
+            with phase("data"):
+                micro_batches = [next(self.stream) for _ in range(self.cfg.train.grad_accum_steps)]
             self._count_flops(micro_batches[0])
-            loss = self.strategy.forward_backward(micro_batches, self.recipe.loss, self.amp)
-            self.amp.unscale_(self.optimizer)
-            grad_norm = self.strategy.clip_grad_norm_(self.cfg.optim.grad_clip)
-            lr = self.scheduler.get_last_lr()[0]
-            # One tiny CPU all-reduce per step: every rank must stop, or skip, at the same step.
-            stop, nonfinite = self.session.any_rank(
-                self.stop.signum is not None, not self._finite(loss, grad_norm)
-            )
-            if nonfinite:
-                self._drop_update(step)  # raises NonFiniteLoss under train.nonfinite=stop
-            elif self.amp.step(self.optimizer, grad_norm):
-                self.progress.skipped_steps += 1
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            with phase("forward_backward"):
+                loss = self.strategy.forward_backward(micro_batches, self.recipe.loss, self.amp)
+            with phase("optimizer"):
+                self.amp.unscale_(self.optimizer)
+                grad_norm = self.strategy.clip_grad_norm_(self.cfg.optim.grad_clip)
+                lr = self.scheduler.get_last_lr()[0]
+                # One tiny CPU all-reduce per step: every rank must stop, or skip, at the same step.
+                stop, nonfinite = self.session.any_rank(
+                    self.stop.signum is not None, not self._finite(loss, grad_norm)
+                )
+                if nonfinite:
+                    self._drop_update(step)  # raises NonFiniteLoss under train.nonfinite=stop
+                elif self.amp.step(self.optimizer, grad_norm):
+                    self.progress.skipped_steps += 1
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.progress.step = step
             self.window_steps += 1
             self.logger.advance()
             self._maybe_log(step, loss, lr, grad_norm)
             self._maybe_evaluate(step)
             self._maybe_save(step, force=stop)
+            if self.profiler is not None and self.profiler.step(step):
+                self.window_start = time.perf_counter()  # keep writing the trace out of step_time_s
             if stop:
                 raise StopRequested(self.stop.signum or 0, step)
         if self.session.is_main and self.metrics.path.exists():
@@ -242,10 +265,14 @@ class Trainer:
             flops = flops_per_micro_batch(self.recipe.build_model, *batch, self.recipe.loss)
             self.flops_per_step = (flops or 0.0) * self.cfg.train.grad_accum_steps
 
+    def _is_log_step(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.last_step
+
     def _maybe_log(self, step: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor) -> None:
-        if step % self.cfg.train.log_every and step != self.last_step:
+        if not self._is_log_step(step):
             return
-        mean_loss = self.strategy.mean_loss(loss).item()  # the sync that makes the timing honest
+        with phase("log_sync"):
+            mean_loss = self.strategy.mean_loss(loss).item()  # the sync that makes the timing honest
         step_time = (time.perf_counter() - self.window_start) / self.window_steps
         record: dict[str, Any] = {
             "step": step,
@@ -267,6 +294,9 @@ class Trainer:
         if self.strategy.comm_stats is not None:
             record.update(self.strategy.comm_stats.step(self.window_steps))
         record.update(memory_stats(self.session.device))
+        record.update(self.timer.collect())
+        record.update(self.telemetry.sample())
+        record["timestamp"] = time.time()
         self._emit(record)
         self.window_start, self.window_steps = time.perf_counter(), 0
 
@@ -274,7 +304,8 @@ class Trainer:
         if self.eval_set is None or (step % self.cfg.train.eval_every and step != self.last_step):
             return
         WHERE.update(phase="evaluation", step=step)
-        results = evaluate(self)
+        with phase("eval"):
+            results = evaluate(self)
         if not results:  # a stream that turned out empty: say so once, never write a bare record
             log.warning("evaluation saw no samples (empty eval stream); evaluation is off for this run")
             self.eval_set = None
@@ -291,7 +322,8 @@ class Trainer:
         if self.saved_step == step:
             return self.checkpointer.root / f"step_{step}"
         WHERE.update(phase="checkpoint save", step=step)
-        path = self.checkpointer.save(step, self.state.files(), self.state.meta())
+        with phase("checkpoint"):
+            path = self.checkpointer.save(step, self.state.files(), self.state.meta())
         self.saved_step = step
         log.info("saved %s", path)
         self.window_start = time.perf_counter()  # keep checkpoint time out of step_time_s

@@ -24,6 +24,7 @@ from launcher.config import (
 from launcher.errors import ConfigError
 from launcher.parallel import check_parallel
 from launcher.parallel.comm_hooks import check_comm_hook
+from launcher.profile import check_profile
 from launcher.recipe import block_layout, recipe_error, resolve_blocks
 
 
@@ -93,6 +94,7 @@ def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
         )
     check_parallel(cfg, recipe_class, world_size)
     check_comm_hook(cfg.comm_hook)
+    check_profile(cfg.profile, train.steps)
     _check_resume(cfg.resume)
     _check_run_dir(cfg.run.dir)
     check_run_dir(cfg)

@@ -28,6 +28,7 @@ from launcher.parallel.eval_chain import EvalChain
 from launcher.parallel.grad_reduce import GradReducer
 from launcher.parallel.split import ModelPart, StageModule, plan_stages, stage_ids_for_rank
 from launcher.precision import MixedPrecision
+from launcher.profile import phase
 from launcher.recipe import block_layout
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,8 @@ class PipelineStrategy:
             # The first step's shape inference also calls the loss, on placeholder data: keep the real ones.
             losses += self._step_losses[-self.num_microbatches :]
         if self.reducer is not None:
-            self.reducer.reduce()
+            with phase("grad_reduce"):
+                self.reducer.reduce()
         if not losses:
             return torch.zeros((), device=self.session.device)
         return torch.stack(losses).mean()
