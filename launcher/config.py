@@ -65,6 +65,11 @@ class CompressDtype(str, Enum):
     bf16 = "bf16"
 
 
+class PowerSGDImpl(str, Enum):
+    ours = "ours"
+    torch = "torch"
+
+
 class WandbMode(str, Enum):
     offline = "offline"
     online = "online"
@@ -225,8 +230,11 @@ class PowerSGDConfig:
     """Reuse the previous step's Q factors instead of fresh random ones."""
     orthogonalization_epsilon: float = 0.0
     """Added to norms in Gram-Schmidt; > 0 guards against division by zero (e.g. fp16 compress_dtype)."""
+    impl: PowerSGDImpl = PowerSGDImpl.ours
+    """`ours` (launcher/parallel/powersgd.py: the same algorithm, batched per shape, one all-reduce each
+    for P and Q, no host synchronisation) or `torch` (torch's stock powerSGD_hook, for comparison)."""
     batch_same_shape: bool = False
-    """Batch same-shaped matrices into one bmm (fewer kernel launches; larger buckets help)."""
+    """impl=torch only (ours always batches): batch same-shaped matrices into one bmm."""
     compress_dtype: CompressDtype = CompressDtype.none
     """Additionally cast to fp16/bf16 around PowerSGD (the fp16/bf16 compress wrappers)."""
     seed: int = 0
