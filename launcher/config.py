@@ -22,6 +22,7 @@ class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+    fp8 = "fp8"
 
 
 class LRSchedule(str, Enum):
@@ -157,7 +158,8 @@ class MetricsConfig:
 @dataclass
 class PrecisionConfig:
     dtype: Precision = Precision.fp32
-    """fp32, bf16 (autocast), or fp16 (autocast + dynamic loss scaling with GradScaler)."""
+    """fp32, bf16 (autocast), fp16 (autocast + dynamic loss scaling with GradScaler), or fp8 (torchao
+    float8 Linear layers + bf16 autocast; GPUs with compute capability >= 8.9 only)."""
     init_scale: float = 65536.0
     """fp16 only: the GradScaler's initial loss scale."""
     growth_interval: int = 2000

@@ -64,8 +64,10 @@ class BatchedPowerSGDState:
 
     Args:
         process_group: the data-parallel group (None = WORLD).
-        orthogonalization: "gram_schmidt" (batched modified Gram-Schmidt: a few small kernels per
-            column, no host synchronisation) or "qr" (one batched `torch.linalg.qr` per group).
+        orthogonalization: "auto" (torch's rule: QR for rank > 2 in fp32, else Gram-Schmidt),
+            "qr" (one batched `torch.linalg.qr` per group: orthonormal even for ill-conditioned or
+            rank-deficient factors) or "gram_schmidt" (batched modified Gram-Schmidt: a few small
+            kernels per column; loses orthogonality as the factors' condition number grows).
     """
 
     def __init__(
@@ -78,10 +80,10 @@ class BatchedPowerSGDState:
         warm_start: bool,
         orthogonalization_epsilon: float,
         random_seed: int,
-        orthogonalization: str = "gram_schmidt",
+        orthogonalization: str = "auto",
     ) -> None:
-        if orthogonalization not in ("gram_schmidt", "qr"):
-            raise ValueError(f"orthogonalization must be gram_schmidt or qr, not {orthogonalization!r}")
+        if orthogonalization not in ("auto", "gram_schmidt", "qr"):
+            raise ValueError(f"orthogonalization must be auto, gram_schmidt or qr, not {orthogonalization!r}")
         self.process_group = process_group
         self.matrix_approximation_rank = matrix_approximation_rank
         self.start_powerSGD_iter = start_powerSGD_iter
@@ -153,7 +155,8 @@ def _matrices(buffer: torch.Tensor, group: _Group) -> torch.Tensor:
 
 def orthogonalize_(matrices: torch.Tensor, epsilon: float, method: str) -> None:
     """Make the columns of each (n, r) matrix of the (b, n, r) batch orthonormal, in place."""
-    if method == "qr" and matrices.dtype not in (torch.float16, torch.bfloat16):
+    half = matrices.dtype in (torch.float16, torch.bfloat16)  # no QR kernels in half precision
+    if not half and (method == "qr" or (method == "auto" and matrices.shape[2] > 2)):
         q, _ = torch.linalg.qr(matrices)
         matrices.copy_(q)
         return
