@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -103,7 +104,7 @@ def run_hand(name: str, steps: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     model, optimizer = build_hand(compile_model=name == "hand_compiled")
     x, y = batches()
-    step_s = time_steps(lambda: hand_step(model, optimizer, x, y), warmup=5, steps=steps)
+    step_s = time_steps(partial(hand_step, model, optimizer, x, y), warmup=5, steps=steps)
     result = {
         "case": name,
         "tokens_per_s": TOKENS_PER_STEP / step_s,
@@ -111,7 +112,7 @@ def run_hand(name: str, steps: int) -> dict:
         "max_mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "wall_s": time.time() - start,
     }
-    del model, optimizer
+    model = optimizer = None  # free before the next case
     torch.cuda.empty_cache()
     return result
 
@@ -186,9 +187,9 @@ def run_hook_cost(steps: int) -> list[dict]:
     x, y = batches()
     results = []
     model, optimizer = build_hand(compile_model=False)
-    plain = time_steps(lambda: hand_step(model, optimizer, x, y), warmup=5, steps=steps)
+    plain = time_steps(partial(hand_step, model, optimizer, x, y), warmup=5, steps=steps)
     results.append({"case": "no_ddp", "step_time_s": plain, "overhead": 0.0})
-    del model, optimizer
+    model = optimizer = None
     for name, make in hooks.items():
         torch.cuda.empty_cache()
         model, optimizer = build_hand(compile_model=False)
@@ -198,9 +199,9 @@ def run_hook_cost(steps: int) -> list[dict]:
             made = make()
             hook, state = (made.hook, made.state) if hasattr(made, "hook") else made
             ddp.register_comm_hook(state, hook)
-        step_s = time_steps(lambda: hand_step(ddp, optimizer, x, y), warmup=5, steps=steps)
+        step_s = time_steps(partial(hand_step, ddp, optimizer, x, y), warmup=5, steps=steps)
         results.append({"case": name, "step_time_s": step_s, "overhead": step_s / plain - 1})
-        del ddp, model, optimizer
+        ddp = model = optimizer = None
     dist.destroy_process_group()
     return results
 
