@@ -41,9 +41,9 @@ def states(rank: int, orthogonalization: str = "auto") -> tuple:
     return PowerSGDState(**common), BatchedPowerSGDState(**common, orthogonalization=orthogonalization)
 
 
-def model() -> torch.nn.Module:
+def model(cfg: GPTModelConfig = MODEL) -> torch.nn.Module:
     torch.manual_seed(0)
-    return GPT(MODEL)
+    return GPT(cfg)
 
 
 def grads_for(params: list[torch.nn.Parameter], step: int) -> None:
@@ -66,14 +66,14 @@ def reducer_run(state, hook, steps, bucket_cap_mb=25.0) -> list[list[torch.Tenso
 
 
 def ddp_run(state, hook) -> list[list[torch.Tensor]]:
-    net = model()
+    net = model(GPTModelConfig(vocab_size=256, seq_len=16, d_model=32, n_layers=1, n_heads=2))
     ddp = DDP(net)  # one bucket: torch's hook mismatches gloo collectives over several
     idx = torch.randint(0, 256, (2, MODEL.seq_len), generator=torch.Generator().manual_seed(dist.get_rank()))
     ddp(idx).float().pow(2).mean().backward()  # settles DDP's buckets before the stateful hook exists
     ddp.zero_grad(set_to_none=True)
     ddp.register_comm_hook(state, hook)
     out = []
-    for step in range(STEPS):
+    for step in range(START + 2):  # two compressed steps: warm start and error feedback in play
         g = torch.Generator().manual_seed(100 * dist.get_rank() + step)
         idx = torch.randint(0, 256, (2, MODEL.seq_len), generator=g)
         ddp(idx).float().pow(2).mean().backward()
