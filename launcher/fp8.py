@@ -18,6 +18,11 @@ from launcher.errors import ConfigError
 MIN_CAPABILITY = (8, 9)
 
 
+def fp8_gpu_visible() -> bool:
+    """A GPU with fp8 tensor cores is visible (compute capability >= 8.9)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= MIN_CAPABILITY
+
+
 def check_fp8(cfg: PrecisionConfig) -> None:
     """Raise ConfigError unless fp8 training can run here (torchao importable, an fp8-capable GPU)."""
     if cfg.dtype != Precision.fp8:
