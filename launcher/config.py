@@ -22,6 +22,7 @@ class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+    fp8 = "fp8"
 
 
 class LRSchedule(str, Enum):
@@ -63,6 +64,11 @@ class CompressDtype(str, Enum):
     none = "none"
     fp16 = "fp16"
     bf16 = "bf16"
+
+
+class PowerSGDImpl(str, Enum):
+    ours = "ours"
+    torch = "torch"
 
 
 class WandbMode(str, Enum):
@@ -185,7 +191,8 @@ class ProfileConfig:
 @dataclass
 class PrecisionConfig:
     dtype: Precision = Precision.fp32
-    """fp32, bf16 (autocast), or fp16 (autocast + dynamic loss scaling with GradScaler)."""
+    """fp32, bf16 (autocast), fp16 (autocast + dynamic loss scaling with GradScaler), or fp8 (torchao
+    float8 Linear layers + bf16 autocast; GPUs with compute capability >= 8.9 only)."""
     init_scale: float = 65536.0
     """fp16 only: the GradScaler's initial loss scale."""
     growth_interval: int = 2000
@@ -258,8 +265,11 @@ class PowerSGDConfig:
     """Reuse the previous step's Q factors instead of fresh random ones."""
     orthogonalization_epsilon: float = 0.0
     """Added to norms in Gram-Schmidt; > 0 guards against division by zero (e.g. fp16 compress_dtype)."""
+    impl: PowerSGDImpl = PowerSGDImpl.ours
+    """`ours` (launcher/parallel/powersgd.py: the same algorithm, batched per shape, one all-reduce each
+    for P and Q, no host synchronisation) or `torch` (torch's stock powerSGD_hook, for comparison)."""
     batch_same_shape: bool = False
-    """Batch same-shaped matrices into one bmm (fewer kernel launches; larger buckets help)."""
+    """impl=torch only (ours always batches): batch same-shaped matrices into one bmm."""
     compress_dtype: CompressDtype = CompressDtype.none
     """Additionally cast to fp16/bf16 around PowerSGD (the fp16/bf16 compress wrappers)."""
     seed: int = 0

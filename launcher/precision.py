@@ -12,7 +12,12 @@ import torch
 
 from launcher.config import Precision, PrecisionConfig
 
-DTYPES = {Precision.fp32: None, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+DTYPES = {
+    Precision.fp32: None,
+    Precision.bf16: torch.bfloat16,
+    Precision.fp16: torch.float16,
+    Precision.fp8: torch.bfloat16,  # around torchao's fp8 Linear layers (launcher/fp8.py)
+}
 
 
 class MixedPrecision:

@@ -26,6 +26,7 @@ from launcher.dist import DistSession
 from launcher.errors import ConfigError
 from launcher.loggers import build_logger
 from launcher.metrics import MetricsFile, flops_per_micro_batch, memory_stats, peak_flops
+from launcher.nonfinite_guard import NonFiniteGuard
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.parallel import build_strategy
 from launcher.precision import MixedPrecision
@@ -51,9 +52,10 @@ STOPPED = "STOPPED"
 class NonFiniteLoss(RuntimeError):
     """train.nonfinite=stop: the last good state is saved; the CLI exits with code 3."""
 
-    def __init__(self, step: int, saved: Path | None) -> None:
+    def __init__(self, step: int, saved: Path | None, good_step: int | None = None) -> None:
         self.step = step
-        where = f"the last good state (step {step - 1}) is in {saved}" if saved else "no step had completed"
+        good = step - 1 if good_step is None else good_step  # later with the on-device check
+        where = f"the last good state (step {good}) is in {saved}" if saved else "no step had completed"
         super().__init__(
             f"non-finite loss or gradient at step {step}; {where}. resume=auto continues after "
             "the offending batch; train.nonfinite=skip drops such steps instead"
@@ -99,6 +101,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.strategy.module.named_parameters(), cfg.optim, session.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.amp = MixedPrecision(cfg.precision, session.device)
+        self.guard = NonFiniteGuard(self.optimizer, session.device, self.amp.scaling)
         self.stream = TrainStream(
             self.recipe.train_dataset(),
             cfg.train.micro_batch_size,
@@ -216,10 +219,13 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 # One tiny CPU all-reduce per step: every rank must stop, or skip, at the same step.
                 stop, nonfinite = self.session.any_rank(
-                    self.stop.signum is not None, not self._finite(loss, grad_norm)
+                    self.stop.signum is not None,
+                    not self.guard.on_device and not self._finite(loss, grad_norm),
                 )
                 if nonfinite:
                     self._drop_update(step)  # raises NonFiniteLoss under train.nonfinite=stop
+                elif self.guard.on_device:  # no host sync: a non-finite update is dropped on the device
+                    self.guard.step(self.guard.flag(loss, grad_norm, step))
                 elif self.amp.step(self.optimizer, grad_norm):
                     self.progress.skipped_steps += 1
                 self.scheduler.step()
@@ -260,6 +266,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.amp.skip(self.optimizer)
 
+    def _check_dropped(self, step: int) -> None:
+        """Act on steps that the on-device check dropped since the last look (see nonfinite_guard)."""
+        dropped, first = self.guard.drain()
+        if not dropped:
+            return
+        if self.cfg.train.nonfinite == NonFinite.stop:
+            # No non-finite update was ever applied, so the current state is the last good one.
+            raise NonFiniteLoss(first, self._save(step), good_step=step)
+        log.warning("steps %d..%d: %d non-finite steps dropped (train.nonfinite=skip)", first, step, dropped)
+        self.progress.nonfinite_steps += dropped
+
     def _count_flops(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         if self.flops_per_step is None and self.peak:
             flops = flops_per_micro_batch(self.recipe.build_model, *batch, self.recipe.loss)
@@ -271,6 +288,7 @@ class Trainer:
     def _maybe_log(self, step: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor) -> None:
         if not self._is_log_step(step):
             return
+        self._check_dropped(step)
         with phase("log_sync"):
             mean_loss = self.strategy.mean_loss(loss).item()  # the sync that makes the timing honest
         step_time = (time.perf_counter() - self.window_start) / self.window_steps
@@ -316,6 +334,7 @@ class Trainer:
     def _maybe_save(self, step: int, force: bool) -> None:
         every = self.cfg.checkpoint.every
         if force or (every and step % every == 0) or step == self.last_step:
+            self._check_dropped(step)
             self._save(step)
 
     def _save(self, step: int) -> Path:

@@ -22,6 +22,7 @@ from launcher.config import (
     WandbLoggerConfig,
 )
 from launcher.errors import ConfigError
+from launcher.fp8 import check_fp8
 from launcher.parallel import check_parallel
 from launcher.parallel.comm_hooks import check_comm_hook
 from launcher.profile import check_profile
@@ -75,6 +76,7 @@ def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
             raise ConfigError("optim.nesterov", True, "needs optim.momentum > 0", "set optim.momentum=0.9")
     _positive("precision.init_scale", cfg.precision.init_scale)
     _at_least("precision.growth_interval", cfg.precision.growth_interval, 1)
+    check_fp8(cfg.precision)
     if cfg.metrics.peak_tflops is not None:
         _positive("metrics.peak_tflops", cfg.metrics.peak_tflops)
     if cfg.dist.backend == Backend.nccl and not torch.cuda.is_available():

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from launcher.errors import ConfigError
 from launcher.recipe import BlockLayout
+from recipes.chunked_loss import chunked_cross_entropy
 
 BYTE_VOCAB = 256
 
@@ -62,6 +63,9 @@ class TextDataConfig:
 class GPTConfig:
     model: GPTModelConfig = field(default_factory=GPTModelConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)
+    loss_chunk_tokens: int = 4096
+    """Cross-entropy this many tokens at a time, so the logits never exist in fp32 all at once
+    (recipes/chunked_loss.py; the same loss to fp rounding); 0 = one plain cross_entropy call."""
 
     def __post_init__(self) -> None:
         m, d = self.model, self.data
@@ -96,6 +100,10 @@ class GPTConfig:
             raise ConfigError("recipe.data.val_fraction", d.val_fraction, "must be in (0, 1)")
         if d.max_bytes < 1:
             raise ConfigError("recipe.data.max_bytes", d.max_bytes, "must be >= 1")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(
+                "recipe.loss_chunk_tokens", self.loss_chunk_tokens, "must be >= 0", "0 turns chunking off"
+            )
 
 
 def _divisor_near(n: int, k: int) -> int:
@@ -295,7 +303,7 @@ class GPTRecipe:
         return self._load()[1]
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return chunked_cross_entropy(logits, targets, self.cfg.loss_chunk_tokens)
 
     def generator(self, model: nn.Module):
         """Inference hook (optional in the recipe protocol): greedy text generation with a KV cache."""

@@ -1,9 +1,10 @@
 """Gradient communication hooks: one table entry per `comm_hook=` option; PowerSGD state per rank.
 
-The hooks are torch's DDP communication hooks (torch.distributed.algorithms.ddp_comm_hooks), run on
-the data-parallel group: registered on DDP under parallel=ddp, on GradReducer for pipeline stages.
-torch's `batched_powerSGD_hook` is deliberately not offered: it asserted in `_orthogonalize` on the GPT
-recipe (2x H200); `powersgd` with `batch_same_shape=true` batches the per-matrix work instead.
+DDP communication hooks, run on the data-parallel group: registered on DDP under parallel=ddp, on
+GradReducer for pipeline stages. fp16/bf16 are ours (one fused scale-and-cast per bucket, see
+`cast_compress_hook`); PowerSGD is ours (`launcher/parallel/powersgd.py`) or, with
+`comm_hook.impl=torch`, torch's stock `powerSGD_hook`. torch's `batched_powerSGD_hook` is deliberately
+not offered: it asserted in `_orthogonalize` on the GPT recipe (2x H200).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from launcher.config import (
     FP16CommHookConfig,
     NoCommHookConfig,
     PowerSGDConfig,
+    PowerSGDImpl,
 )
 from launcher.errors import ConfigError
+from launcher.parallel.powersgd import BatchedPowerSGDState, powersgd_hook
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class CommHook:
     """What the hook receives: the process group (fp16/bf16) or a PowerSGDState."""
     element_bytes: int
     """Bytes per element sent (2 for fp16/bf16 payloads, 4 for fp32)."""
-    powersgd: PowerSGDState | None = None
+    powersgd: PowerSGDState | BatchedPowerSGDState | None = None
 
     @property
     def stateful(self) -> bool:
@@ -89,11 +92,11 @@ def build_comm_hook(cfg: Any, group: Any, guard_overflow: bool) -> CommHook | No
     if isinstance(cfg, NoCommHookConfig):
         return None
     if isinstance(cfg, FP16CommHookConfig):
-        return CommHook(default_hooks.fp16_compress_hook, group, 2)
+        return CommHook(cast_compress_hook, CastState(group, torch.float16), 2)
     if isinstance(cfg, BF16CommHookConfig):
-        return CommHook(_renamed(default_hooks.bf16_compress_hook), group, 2)
+        return CommHook(cast_compress_hook, CastState(group, torch.bfloat16), 2)
     if isinstance(cfg, PowerSGDConfig):
-        state = PowerSGDState(
+        common = dict(
             process_group=group,
             matrix_approximation_rank=cfg.rank,
             start_powerSGD_iter=cfg.start_iter,
@@ -102,9 +105,14 @@ def build_comm_hook(cfg: Any, group: Any, guard_overflow: bool) -> CommHook | No
             warm_start=cfg.warm_start,
             orthogonalization_epsilon=cfg.orthogonalization_epsilon,
             random_seed=cfg.seed,
-            batch_tensors_with_same_shape=cfg.batch_same_shape,
         )
-        hook: Hook = powerSGD_hook
+        if cfg.impl == PowerSGDImpl.torch:
+            state = PowerSGDState(**common, batch_tensors_with_same_shape=cfg.batch_same_shape)
+            hook: Hook = powerSGD_hook
+        else:
+            if cfg.batch_same_shape:
+                log.warning("comm_hook.batch_same_shape has no effect with impl=ours: it always batches")
+            state, hook = BatchedPowerSGDState(**common), powersgd_hook
         if cfg.compress_dtype == CompressDtype.fp16:
             hook = default_hooks.fp16_compress_wrapper(hook)
         elif cfg.compress_dtype == CompressDtype.bf16:
@@ -113,6 +121,34 @@ def build_comm_hook(cfg: Any, group: Any, guard_overflow: bool) -> CommHook | No
             hook = _plain_allreduce_on_overflow(hook, group)
         return CommHook(hook, state, 4 if cfg.compress_dtype == CompressDtype.none else 2, powersgd=state)
     raise TypeError(f"no comm hook for config type {type(cfg).__name__}")
+
+
+class CastState:
+    """fp16/bf16 hook state: the group, the wire dtype, and one reusable wire buffer per bucket."""
+
+    def __init__(self, group: Any, dtype: torch.dtype) -> None:
+        self.group, self.dtype = group, dtype
+        self.wire: dict[int, torch.Tensor] = {}
+
+
+def cast_compress_hook(state, bucket):  # unannotated: DDP checks annotations and would reject strings
+    """All-reduce the bucket in fp16/bf16: one fused divide-and-cast into a reused buffer, one cast back.
+
+    torch's fp16/bf16 hooks allocate the half-precision copy, divide it in a second kernel, and are
+    refused by name for bf16 without NCCL >= 2.10 (gloo all-reduces bf16 correctly; checked).
+    """
+    group = state.group if state.group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    wire = state.wire.get(bucket.index())
+    if wire is None or wire.shape != buffer.shape or wire.device != buffer.device:
+        wire = state.wire[bucket.index()] = torch.empty_like(buffer, dtype=state.dtype)
+    torch.div(buffer, dist.get_world_size(group), out=wire)  # pre-divide as DDP does, cast in the same pass
+
+    def decompress(fut: torch.futures.Future) -> torch.Tensor:
+        buffer.copy_(fut.value()[0])
+        return buffer
+
+    return dist.all_reduce(wire, group=group, async_op=True).get_future().then(decompress)
 
 
 def _renamed(hook: Hook) -> Hook:

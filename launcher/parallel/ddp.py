@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from launcher.activation_checkpointing import checkpoint_blocks
 from launcher.config import Config, Precision
 from launcher.dist import DistSession
+from launcher.fp8 import convert_to_fp8
 from launcher.parallel import Batch, LossFn
 from launcher.parallel.comm_hooks import CommStats, build_comm_hook
 from launcher.precision import MixedPrecision
@@ -28,7 +29,7 @@ class DDPStrategy:
         self.model_parallel_size = 1
         self.layout_id = "parallel=ddp"
         torch.manual_seed(cfg.train.seed)  # the same init on every rank, and as in a 1-process run
-        model = recipe.build_model()
+        model = convert_to_fp8(recipe.build_model(), cfg.precision)
         if cfg.train.activation_checkpointing:
             checkpoint_blocks(resolve_blocks(model, block_layout(recipe)))
         self.module = model.to(session.device)

@@ -21,6 +21,7 @@ from launcher.activation_checkpointing import checkpoint_blocks
 from launcher.config import Config, PipelineConfig, Precision
 from launcher.dist import DistSession
 from launcher.errors import ConfigError
+from launcher.fp8 import convert_to_fp8
 from launcher.parallel import Batch, LossFn
 from launcher.parallel.comm_hooks import CommStats, build_comm_hook
 from launcher.parallel.dims import ParallelDims
@@ -161,7 +162,7 @@ class PipelineStrategy:
         num_stages = dims.pp * per_rank
         layout = block_layout(recipe)
         torch.manual_seed(cfg.train.seed)  # the whole model, initialised exactly as in a 1-process run
-        model = recipe.build_model()
+        model = convert_to_fp8(recipe.build_model(), cfg.precision)
         plan = plan_stages(model, layout, num_stages, p.split_points)
         stage_ids = stage_ids_for_rank(self.pp_rank, dims.pp, per_rank, v_shape=name == "zbv_zero_bubble")
         specs = [plan[s] for s in stage_ids]

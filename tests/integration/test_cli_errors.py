@@ -16,7 +16,7 @@ BAD_CONFIGS = [
     (["precision=bf17"], "precision=bf17", "did you mean bf16"),
     (["recipe=nosuch"], "recipe=nosuch", "choose one of: digits, gpt"),
     (["train.steps=abc"], "train.steps=abc", "could not be converted to Integer"),
-    (["precision.dtype=int8"], "precision.dtype=int8", "expected one of [fp32, bf16, fp16]"),
+    (["precision.dtype=int8"], "precision.dtype=int8", "expected one of [fp32, bf16, fp16, fp8]"),
     (["train.steps=-1"], "train.steps=-1", "must be >= 1"),
     (["train.micro_batch_size=0"], "train.micro_batch_size=0", "must be >= 1"),
     (["optim.lr=0"], "optim.lr=0", "must be > 0"),
