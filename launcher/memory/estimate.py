@@ -85,7 +85,7 @@ def estimate(
     name, total = closed.device_bytes(gpu) if device_total is None else (gpu, device_total)
     expandable = cfg.memory.expandable_segments if expandable_segments is None else expandable_segments
     recipe = recipe_class(cfg.recipe)
-    sample = recipe.train_dataset()[0]
+    sample = _first_sample(recipe, cfg)
     if isinstance(cfg.parallel, PipelineConfig):
         ranks, layout = _pipeline(cfg, recipe, sample, world_size)
     else:
@@ -99,6 +99,45 @@ def estimate(
     return Estimate(layout, name, total, ranks)
 
 
+# A step's trace depends only on what _trace_key names; fixes and layouts that share it reuse it.
+_TRACES: dict[str, Any] = {}
+_SAMPLES: dict[str, Any] = {}
+_CACHE_SIZE = 64
+
+
+def _first_sample(recipe: Any, cfg: Config) -> Any:
+    """One training sample (its shapes and dtypes); loading a dataset can take seconds, so once."""
+    key = f"{type(recipe).__qualname__}:{cfg.recipe!r}"
+    if key not in _SAMPLES:
+        if len(_SAMPLES) > _CACHE_SIZE:
+            _SAMPLES.clear()
+        _SAMPLES[key] = recipe.train_dataset()[0]
+    return _SAMPLES[key]
+
+
+def _cached(key: str, make: Any) -> Any:
+    if key not in _TRACES:
+        if len(_TRACES) > _CACHE_SIZE:
+            _TRACES.clear()
+        _TRACES[key] = make()
+    return _TRACES[key]
+
+
+def _trace_key(cfg: Config, *extra: Any) -> str:
+    t = cfg.train
+    return repr(
+        (
+            cfg.recipe,
+            cfg.optim,
+            cfg.precision.dtype,
+            t.micro_batch_size,
+            min(t.grad_accum_steps, 2),
+            t.activation_checkpointing,
+            *extra,
+        )
+    )
+
+
 def _build(recipe: Any, checkpointing: bool):
     """The recipe's model on the meta device, blocks checkpointed as the strategies do it."""
     with torch.device("meta"):
@@ -110,12 +149,17 @@ def _build(recipe: Any, checkpointing: bool):
 
 def _data_parallel(cfg: Config, recipe: Any, sample: Any, world_size: int) -> RankEstimate:
     train, amp = cfg.train, DTYPES[cfg.precision.dtype]
-    with fake_mode():
-        model = materialize(_build(recipe, train.activation_checkpointing))
-        batch = fake_batch(sample, train.micro_batch_size)
-        forward = model_forward(recipe.loss)
-        trace = trace_step(model, forward, batch, cfg.optim, amp, min(train.grad_accum_steps, 2))
-        notes = _checkpointing_notes(cfg, recipe, batch, forward, trace.activations, amp)
+
+    def make() -> tuple[Any, dict[str, Any]]:
+        with fake_mode():
+            model = materialize(_build(recipe, train.activation_checkpointing))
+            batch = fake_batch(sample, train.micro_batch_size)
+            forward = model_forward(recipe.loss)
+            trace = trace_step(model, forward, batch, cfg.optim, amp, min(train.grad_accum_steps, 2))
+            return trace, _checkpointing_notes(cfg, recipe, batch, forward, trace.activations, amp)
+
+    trace, notes = _cached(_trace_key(cfg, "whole model"), make)
+    notes = dict(notes)
     parts = _ordered(trace.at_peak)
     if world_size > 1 and isinstance(cfg.parallel, DDPConfig):
         grad_numels = [_numel(s) for s in reversed(trace.grad_shapes)]  # DDP buckets in reverse order
@@ -125,7 +169,7 @@ def _data_parallel(cfg: Config, recipe: Any, sample: Any, world_size: int) -> Ra
         parts["DDP gradient buckets"] = buckets
         parts.update(_comm_hook_parts(cfg, trace.grad_shapes, cfg.parallel.bucket_cap_mb))
     _common_parts(cfg, parts)
-    notes.update(peak_phase=trace.peak_phase, states_gib=_gib(trace.parameters + trace.optimizer_state))
+    notes.update(peak_phase=trace.peak_phase, **_state_notes(trace))
     return RankEstimate("every rank", parts, 0, 0, 0, notes)
 
 
@@ -155,14 +199,18 @@ def _pipeline(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[l
     ranks = []
     for pp_rank in range(dims.pp):
         ids = sorted(stage_ids_for_rank(pp_rank, dims.pp, per_rank, schedule == "zbv_zero_bubble"))
-        with fake_mode():
-            model = _build(recipe, train.activation_checkpointing)
-            held = [specs[i] for i in ids]
-            part = materialize(ModelPart(model, layout, held))
-            stages = [StageModule(part, layout, spec) for spec in held]
-            batch, inputs = _stage_inputs(sample, micro, held, boundary)
-            forward = _stages_forward(stages, inputs, recipe.loss)
-            trace = trace_step(part, forward, batch, cfg.optim, amp, min(train.grad_accum_steps, 2))
+        held = [specs[i] for i in ids]
+
+        def make(held=held) -> Any:
+            with fake_mode():
+                model = _build(recipe, train.activation_checkpointing)
+                part = materialize(ModelPart(model, layout, held))
+                stages = [StageModule(part, layout, spec) for spec in held]
+                batch, inputs = _stage_inputs(sample, micro, held, boundary)
+                forward = _stages_forward(stages, inputs, recipe.loss)
+                return trace_step(part, forward, batch, cfg.optim, amp, min(train.grad_accum_steps, 2))
+
+        trace = _cached(_trace_key(cfg, "stages", held, micro), make)
         parts = _ordered(trace.at_peak)
         in_flight = closed.in_flight_microbatches(schedule, dims.pp, pp_rank, p.num_microbatches, per_rank)
         parts["in-flight micro-batches"] = max(0, in_flight - per_rank) * trace.forward_saved // per_rank
@@ -186,9 +234,19 @@ def _pipeline(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[l
             "in-flight stage-microbatches": in_flight,
             "activations per micro-batch GiB": _gib(trace.forward_saved),
             "peak_phase": trace.peak_phase,
+            **_state_notes(trace),
         }
         ranks.append(RankEstimate(f"pp rank {pp_rank}", parts, 0, 0, 0, notes))
     return ranks, f"pipeline {schedule} pp={dims.pp} dp={dims.dp} stages/rank={per_rank}"
+
+
+def _state_notes(trace: Any) -> dict[str, int]:
+    """Exact bytes of the states (parameters, full gradients, optimizer state) of this rank."""
+    return {
+        "parameter bytes": trace.parameters,
+        "gradient bytes": trace.gradients,
+        "optimizer state bytes": trace.optimizer_state,
+    }
 
 
 def _stage_inputs(sample, micro, held, boundary):
