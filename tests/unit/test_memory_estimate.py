@@ -145,8 +145,7 @@ def test_knobs_move_the_estimate_the_right_way():
         and one_f_one_b.notes["in-flight stage-microbatches"] == 2
     )
     assert gpipe.peak_allocated > one_f_one_b.peak_allocated
-    compiled = peak("train.compile=true")
-    assert compiled.parts["torch.compile activation saving"] < 0
+    assert peak("train.compile=true").peak_allocated <= plain.peak_allocated
 
 
 def test_closed_forms():
