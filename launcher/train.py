@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from launcher.data import TrainStream, eval_batches
 from launcher.dist import DistSession
 from launcher.errors import ConfigError
 from launcher.loggers import build_logger
+from launcher.memory.guard import memory_guard
 from launcher.metrics import MetricsFile, flops_per_micro_batch, memory_stats, peak_flops
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.parallel import build_strategy
@@ -56,8 +58,9 @@ def train(job: Job, session: DistSession, run_dir: Path, stop: StopFlag) -> None
     """Train `job`; `stop` is the process's signal flag (installed at start, so no signal is lost)."""
     trainer = None
     try:
-        trainer = Trainer(job, session, run_dir, stop)
-        trainer.fit()
+        with memory_guard(job, session, run_dir, WHERE) as memory:  # pre-flight, snapshots, OOM report
+            trainer = Trainer(job, session, run_dir, stop)
+            trainer.fit(after_step=memory.after_step)
     finally:
         if trainer is not None:
             trainer.logger.close()  # also when failing: wandb marks the run finished, the bar closes
@@ -136,7 +139,7 @@ class Trainer:
             self.strategy.dp_size,
         )
 
-    def fit(self) -> None:
+    def fit(self, after_step: Callable[[int], None] = lambda step: None) -> None:
         if self.resumed is not None and self.resumed >= self.last_step:
             log.info("nothing to do: the run already reached step %d", self.resumed)
         self.window_start, self.window_steps = time.perf_counter(), 0
@@ -166,6 +169,7 @@ class Trainer:
             self._maybe_log(step, loss, lr, grad_norm)
             self._maybe_evaluate(step)
             self._maybe_save(step, force=stop)
+            after_step(step)
             if stop:
                 raise StopRequested(self.stop.signum or 0, step)
         if self.progress.step >= self.cfg.train.steps and self.session.is_main:
