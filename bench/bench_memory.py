@@ -1,8 +1,8 @@
 """Predicted against measured GPU memory, through the real CLI, on one GPU; plus the pre-flight
 refusal, a leak check and the allocator's fragmentation with changing shapes.
 
-    python bench/bench_memory.py                 # everything, about 5-6 minutes on one H100/H200
-    python bench/bench_memory.py --quick         # no torch.compile case, fewer steps (~3 minutes)
+    python bench/bench_memory.py                 # everything, about 6 minutes on one H100/H200
+    python bench/bench_memory.py --quick         # no torch.compile case, 30-step leak check (~4.5 min)
     python bench/bench_memory.py --only s_bf16,refuse --steps 6
 
 For each case: `python -m launcher.estimate <overrides> --json` (on the CPU, all cases in parallel
@@ -45,12 +45,6 @@ MEDIUM = [
 # name -> overrides (experiment=gpt2_small is bf16, AdamW, micro-batch 16)
 CASES = {
     "s_bf16_mb32": [*SMALL, "train.micro_batch_size=32"],
-    "s_fp16_mb8_ac": [
-        *SMALL,
-        "precision=fp16",
-        "train.micro_batch_size=8",
-        "train.activation_checkpointing=true",
-    ],
     "b_bf16_mb16": BASE,
     "b_bf16_mb16_ac": [*BASE, "train.activation_checkpointing=true"],
     "b_fp32_mb8": [*BASE, "precision=fp32", "train.micro_batch_size=8"],
@@ -65,7 +59,6 @@ CASES = {
     "m_bf16_mb8": [*MEDIUM, "train.micro_batch_size=8"],
     "m_bf16_mb16_ac": [*MEDIUM, "train.activation_checkpointing=true"],
     "m_fp32_mb4_sgd": [*MEDIUM, "precision=fp32", "train.micro_batch_size=4", "optim=sgd"],
-    "m_fp16_mb8_accum2": [*MEDIUM, "precision=fp16", "train.micro_batch_size=8", "train.grad_accum_steps=2"],
 }
 COMPILE_CASES = {"b_bf16_mb32_ac_compile"}
 EXTRAS = ("refuse", "leak", "fragmentation")
@@ -76,6 +69,8 @@ FAST = [
     "checkpoint.every=0",
     "logger.progress_bar=false",
 ]
+# The measured runs skip the pre-flight: the estimate runs on its own, and the check costs seconds.
+NO_PREFLIGHT = ["memory.preflight=off"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}
 REFUSED = [*BASE, "precision=fp32", "train.micro_batch_size=128"]
 
@@ -131,7 +126,7 @@ def train(
 
 def measure_case(name: str, overrides: list[str], steps: int, tmp: Path) -> dict:
     timeout = 300 if name in COMPILE_CASES else 150
-    got = train(overrides, tmp / name, steps, timeout)
+    got = train([*overrides, *NO_PREFLIGHT], tmp / name, steps, timeout)
     if got["exit"] != 0 or not got.get("lines"):
         return {"error": f"run exit {got['exit']}: " + got["output"].strip()[-400:]}
     last = got["lines"][-1]
@@ -145,7 +140,7 @@ def measure_case(name: str, overrides: list[str], steps: int, tmp: Path) -> dict
 def refuse_demo(tmp: Path, limit_gib: float, steps: int) -> str:
     """A config that cannot fit `limit_gib` is refused before any weight exists; the suggested fix trains."""
     limit = [f"memory.limit_gib={limit_gib}", "memory.preflight=refuse"]
-    refused = train([*REFUSED, *limit], tmp / "refused", steps, 150)
+    refused = train([*REFUSED, *limit], tmp / "refused", steps, 300)
     lines = [f"refused run: exit {refused['exit']} (expected 2), {refused['wall_s']} s"]
     text = refused["output"]
     lines += [
@@ -159,7 +154,9 @@ def refuse_demo(tmp: Path, limit_gib: float, steps: int) -> str:
     if refused["exit"] != 2 or not match:
         return "\n".join([*lines, "  no fix found in the output: FAIL"])
     fix = match.group(1).split()
-    fixed = train([*REFUSED, *fix, *limit], tmp / "fixed", steps, 200)
+    keys = {o.split("=", 1)[0] for o in fix}
+    kept = [o for o in REFUSED if o.split("=", 1)[0] not in keys]  # the fix's values replace these
+    fixed = train([*kept, *fix, *limit], tmp / "fixed", steps, 300)
     ok = fixed["exit"] == 0 and fixed.get("lines")
     peak = fixed["lines"][-1]["max_mem_allocated_gib"] if ok else None
     lines.append(
@@ -173,7 +170,7 @@ def refuse_demo(tmp: Path, limit_gib: float, steps: int) -> str:
 
 def leak_check(tmp: Path, steps: int) -> str:
     """max_mem_allocated is cumulative: a leak of X bytes per step raises it by X every step."""
-    got = train(BASE, tmp / "leak", steps, 200, log_every=5)
+    got = train([*BASE, *NO_PREFLIGHT], tmp / "leak", steps, 200, log_every=5)
     if got["exit"] != 0 or not got.get("lines"):
         return f"leak run failed: exit {got['exit']}: {got['output'][-400:]}"
     by_step = {m["step"]: m["max_mem_allocated_gib"] for m in got["lines"]}
@@ -191,7 +188,10 @@ def fragmentation(tmp: Path, steps: int) -> str:
     rows = []
     for on in (True, False):
         got = train(
-            [*BASE, *shapes, f"memory.expandable_segments={str(on).lower()}"], tmp / f"frag_{on}", steps, 200
+            [*BASE, *shapes, f"memory.expandable_segments={str(on).lower()}", *NO_PREFLIGHT],
+            tmp / f"frag_{on}",
+            steps,
+            200,
         )
         if got["exit"] != 0 or not got.get("lines"):
             rows.append(f"expandable_segments={on}: failed, exit {got['exit']}: {got['output'][-300:]}")
@@ -248,7 +248,7 @@ def main() -> None:
         for extra, fn in (
             ("refuse", lambda: refuse_demo(Path(tmp), args.limit_gib, 4)),
             ("leak", lambda: leak_check(Path(tmp), 30 if args.quick else 50)),
-            ("fragmentation", lambda: fragmentation(Path(tmp), 12)),
+            ("fragmentation", lambda: fragmentation(Path(tmp), 8)),
         ):
             if extra in chosen:
                 try:
