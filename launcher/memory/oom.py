@@ -55,7 +55,11 @@ def report_oom(err: BaseException, job, rank: int, world_size: int, where: dict,
         f"rank {rank} ran out of GPU memory in the {phase} of step {step}: {first_line}\n{explanation}\n"
         f"details: {summary_path(run_dir, rank)}"
     )
-    snapshot = recorder.dump() if recorder is not None else None
+    try:
+        snapshot = recorder.dump() if recorder is not None else None
+    except Exception as dump_err:  # noqa: BLE001 - the explanation matters more than the snapshot
+        snapshot = None
+        log.error("could not write the memory snapshot: %s", dump_err)
     if snapshot:
         message += f", {snapshot}"
     log.error("%s", message)

@@ -74,8 +74,16 @@ def preflight(cfg: Config, recipe_class: type, session, limit: int | None) -> Ve
     else:
         free, _total = torch.cuda.mem_get_info(session.device)
         available, name = (min(free, limit) if limit else free), torch.cuda.get_device_name(session.device)
-    verdict = check_fits(cfg, recipe_class, session.world_size, available, name)
-    short = session.any_rank(not verdict.fits)[0]
+    try:
+        verdict = check_fits(cfg, recipe_class, session.world_size, available, name)
+    except Exception as err:  # noqa: BLE001 - an estimate that fails must not stop a run that may fit
+        log.warning(
+            "memory pre-flight skipped: could not estimate this config (%s: %s)", type(err).__name__, err
+        )
+        verdict = None
+    short = session.any_rank(verdict is not None and not verdict.fits)[0]  # every rank takes part
+    if verdict is None:
+        return None
     if verdict.fits and not short:
         log.info(
             "memory pre-flight: needs about %.2f GiB of %.2f GiB available",
