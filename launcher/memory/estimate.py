@@ -61,7 +61,7 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
-        return self.worst.device_needed <= self.device_bytes
+        return self.worst.device_needed <= self.device_bytes * (1 - closed.HEADROOM)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "fits": self.fits, "worst_rank": self.worst.ranks}

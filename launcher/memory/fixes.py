@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from launcher.config import Config, DDPConfig, PipelineConfig, Precision
 from launcher.errors import ConfigError
 from launcher.memory.estimate import Estimate, estimate
+from launcher.memory.parts import HEADROOM
 from launcher.recipe import block_layout
 
 Change = tuple[list[str], Callable[[Config], None]]
@@ -67,7 +68,8 @@ def rank_fixes(
     def try_change(c: Config, overrides: list[str]) -> Fix:
         est = estimate(c, recipe_class, world_size, gpu, device_total)
         needed = est.worst.device_needed
-        return Fix(overrides, needed, base.worst.device_needed - needed, needed <= device_total)
+        fits = needed <= device_total * (1 - HEADROOM)
+        return Fix(overrides, needed, base.worst.device_needed - needed, fits)
 
     fixes = []
     for overrides, apply in candidate_changes(cfg, recipe_class, world_size):

@@ -2,8 +2,9 @@
 
 The estimate (launcher/memory/estimate.py) of the fullest rank is compared with the memory the
 caching allocator can still get: free memory on the device (the CUDA context is already out of
-it), capped by memory.limit_gib. If it does not fit, the fixes are estimated and ranked, and
-memory.preflight decides: warn (log and go on), refuse (ConfigError: exit 2 on every rank), off.
+it), capped by memory.limit_gib, less 5% headroom for the estimate's own error. If it does not
+fit, the fixes are estimated and ranked, and memory.preflight decides: warn (log and go on),
+refuse (ConfigError: exit 2 on every rank), off.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from launcher.config import Config, Preflight
 from launcher.errors import ConfigError
 from launcher.memory.estimate import Estimate, estimate
 from launcher.memory.fixes import Fix, rank_fixes
-from launcher.memory.parts import GIB, NCCL_BYTES
+from launcher.memory.parts import GIB, HEADROOM, NCCL_BYTES
 from launcher.memory.table import format_fix
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,12 @@ def check_fits(cfg: Config, recipe_class: type, world_size: int, available: int,
     est = estimate(cfg, recipe_class, world_size, name, available)
     needed = est.worst.peak_reserved + (NCCL_BYTES if world_size > 1 else 0)
     fixes: list[Fix] = []
-    if needed > available:
+    fits = needed <= available * (1 - HEADROOM)
+    if not fits:
         # Fixes compare device_needed (with the CUDA context) to the device: give them the same footing.
         context = est.worst.device_needed - needed
         fixes = rank_fixes(cfg, recipe_class, world_size, est, available + context, name)
-    return Verdict(needed <= available, needed, available, est, fixes)
+    return Verdict(fits, needed, available, est, fixes)
 
 
 def preflight(cfg: Config, recipe_class: type, session, limit: int | None) -> Verdict | None:

@@ -3,13 +3,14 @@ states equal to the bytes of real tensors, and the effects each knob must have."
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
 from launcher import cli
-from launcher.config import GROUP_SCHEMAS, Precision
+from launcher.config import GROUP_SCHEMAS, PipelineSchedule, Precision
 from launcher.memory import parts as closed
 from launcher.memory.estimate import estimate
 from launcher.optim import build_optimizer
@@ -125,27 +126,32 @@ def test_pipeline_ranks_hold_their_stages_parameters():
 
 
 def test_knobs_move_the_estimate_the_right_way():
-    def peak(*overrides, world_size=1, rank=0):
-        job = compose([*TINY, "train.micro_batch_size=16", *overrides], world_size)
-        return estimate(job.cfg, job.recipe_class, world_size, "H100").ranks[rank]
+    job = compose([*TINY, "train.micro_batch_size=16"])
+    pipe = compose([*TINY, "train.micro_batch_size=16", *PIPE], 2)
+
+    def peak(job=job, world_size=1, **changes):
+        cfg = copy.deepcopy(job.cfg)  # composing is slow: change the composed config instead
+        for dotted, value in changes.items():
+            section, key = dotted.split("__")
+            setattr(getattr(cfg, section), key, value)
+        return estimate(cfg, job.recipe_class, world_size, "H100").ranks[0]
 
     plain = peak()
     acts = plain.notes
     assert acts["activations with checkpointing GiB"] < acts["activations without checkpointing GiB"]
-    checkpointed = peak("train.activation_checkpointing=true")
+    checkpointed = peak(train__activation_checkpointing=True)
     assert checkpointed.parts["activations"] < plain.parts["activations"] / 2
-    half = peak("train.micro_batch_size=8", "train.grad_accum_steps=2")
+    half = peak(train__micro_batch_size=8, train__grad_accum_steps=2)
     assert half.parts["activations"] == pytest.approx(plain.parts["activations"] / 2, rel=0.02)
-    assert peak("precision=bf16").parts["activations"] < plain.parts["activations"]
-    assert peak("precision=bf16").parts["autocast weight copies"] > 0 == plain.parts["autocast weight copies"]
-    gpipe = peak(*PIPE, "parallel.schedule=gpipe", world_size=2)
-    one_f_one_b = peak(*PIPE, "parallel.schedule=1f1b", world_size=2)
-    assert (
-        gpipe.notes["in-flight stage-microbatches"] == 4
-        and one_f_one_b.notes["in-flight stage-microbatches"] == 2
-    )
+    bf16 = peak(precision__dtype=Precision.bf16)
+    assert bf16.parts["activations"] < plain.parts["activations"]
+    assert bf16.parts["autocast weight copies"] > 0 == plain.parts["autocast weight copies"]
+    gpipe = peak(pipe, 2, parallel__schedule=PipelineSchedule["gpipe"])
+    one_f_one_b = peak(pipe, 2, parallel__schedule=PipelineSchedule["1f1b"])
+    assert gpipe.notes["in-flight stage-microbatches"] == 4
+    assert one_f_one_b.notes["in-flight stage-microbatches"] == 2
     assert gpipe.peak_allocated > one_f_one_b.peak_allocated
-    assert peak("train.compile=true").peak_allocated <= plain.peak_allocated
+    assert peak(train__compile=True).peak_allocated <= plain.peak_allocated
 
 
 def test_closed_forms():
