@@ -146,7 +146,7 @@ def refuse_demo(tmp: Path, limit_gib: float, steps: int) -> str:
     lines += [
         "    " + x
         for x in text.splitlines()
-        if "memory" in x.lower() or x.strip().startswith(("fix", "train.", "precision"))
+        if "memory" in x.lower() or "allocated" in x or x.strip().startswith(("fix", "train.", "precision"))
     ][:14]
     match = re.search(r"^\s*fits with: (.+?)\s+->", text, flags=re.MULTILINE) or re.search(
         r"^\s+(\S+=\S+(?: \S+=\S+)*)\s+->.*\(fits\)", text, flags=re.MULTILINE

@@ -95,6 +95,9 @@ def preflight(cfg: Config, recipe_class: type, session, limit: int | None) -> Ve
         return verdict
     if mode == Preflight.refuse:
         problem = verdict.message() if not verdict.fits else "another rank's GPU is too small for its part"
+        if session.device.type == "cuda":  # shows the refusal came before any weight was allocated
+            allocated = torch.cuda.memory_allocated(session.device) / GIB
+            problem += f"\n(allocated on this GPU so far: {allocated:.2f} GiB)"
         raise ConfigError(
             "memory.preflight",
             "refuse",
