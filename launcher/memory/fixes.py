@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from launcher.config import Config, DDPConfig, PipelineConfig, Precision
 from launcher.errors import ConfigError
 from launcher.memory.estimate import Estimate, estimate
-from launcher.memory.parts import HEADROOM
 from launcher.recipe import block_layout
 
 Change = tuple[list[str], Callable[[Config], None]]
@@ -61,15 +60,26 @@ def candidate_changes(cfg: Config, recipe_class: type, world_size: int) -> list[
 
 
 def rank_fixes(
-    cfg: Config, recipe_class: type, world_size: int, base: Estimate, device_total: int, gpu: str
+    cfg: Config,
+    recipe_class: type,
+    world_size: int,
+    base: Estimate,
+    device_total: int,
+    gpu: str,
+    fits: Callable[[Estimate], bool] | None = None,
+    needed: Callable[[Estimate], int] | None = None,
 ) -> list[Fix]:
-    """Each single change's estimate, largest saving first; plus a combination when none fits alone."""
+    """Each single change's estimate, largest saving first; plus a combination when none fits alone.
+
+    `fits` decides for an estimate and `needed` measures it (defaults: its device_needed, within the
+    device less HEADROOM); pre-flight passes its own, the CUDA context being out of its free memory.
+    """
+    fits = fits or (lambda est: est.fits)
+    needed = needed or (lambda est: est.worst.device_needed)
 
     def try_change(c: Config, overrides: list[str]) -> Fix:
         est = estimate(c, recipe_class, world_size, gpu, device_total)
-        needed = est.worst.device_needed
-        fits = needed <= device_total * (1 - HEADROOM)
-        return Fix(overrides, needed, base.worst.device_needed - needed, fits)
+        return Fix(overrides, needed(est), needed(base) - needed(est), fits(est))
 
     fixes = []
     for overrides, apply in candidate_changes(cfg, recipe_class, world_size):

@@ -52,14 +52,17 @@ class Verdict:
 def check_fits(cfg: Config, recipe_class: type, world_size: int, available: int, name: str) -> Verdict:
     """Estimate `cfg` and compare with `available` bytes; fixes only when it does not fit."""
     est = estimate(cfg, recipe_class, world_size, name, available)
-    needed = est.worst.peak_reserved + (NCCL_BYTES if world_size > 1 else 0)
-    fixes: list[Fix] = []
-    fits = needed <= available * (1 - HEADROOM)
-    if not fits:
-        # Fixes compare device_needed (with the CUDA context) to the device: give them the same footing.
-        context = est.worst.device_needed - needed
-        fixes = rank_fixes(cfg, recipe_class, world_size, est, available + context, name)
-    return Verdict(fits, needed, available, est, fixes)
+
+    def needed_of(e: Estimate) -> int:  # the CUDA context is already out of `available`
+        return e.worst.peak_reserved + (NCCL_BYTES if world_size > 1 else 0)
+
+    def fits(e: Estimate) -> bool:
+        return needed_of(e) <= available * (1 - HEADROOM)
+
+    fixes = (
+        [] if fits(est) else rank_fixes(cfg, recipe_class, world_size, est, available, name, fits, needed_of)
+    )
+    return Verdict(fits(est), needed_of(est), available, est, fixes)
 
 
 def preflight(cfg: Config, recipe_class: type, session, limit: int | None) -> Verdict | None:
