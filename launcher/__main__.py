@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=2 -m launcher recipe=gpt    # DDP over 2 ranks
     python -m launcher -m optim.lr=1e-4,3e-4                           # a sweep, one job at a time
 
-Exit codes: 0 done; 2 invalid configuration; 3 non-finite loss (train.nonfinite=stop); 128+N stopped
+Exit codes: 0 done; 2 invalid configuration; 3 non-finite loss (train.nonfinite=stop); 4 out of GPU
+memory (explained, memory_summary.txt in the run dir); 128+N stopped
 by signal N after checkpointing (143 SIGTERM, 130 SIGINT, 138 SIGUSR1); 1 any other failure.
 """
 
@@ -81,10 +82,13 @@ def _main(env: DistEnv, stop: StopFlag) -> int:
 
 
 def run(job: cli.Job, env: DistEnv, stop: StopFlag) -> int:
+    from launcher.memory.allocator import configure_allocator
+    from launcher.memory.guard import OutOfMemoryReported
     from launcher.train import WHERE, NonFiniteLoss, train
 
     stop.grace_s = job.cfg.dist.shutdown_grace_s
     run_dir = None
+    configure_allocator(job.cfg.memory)  # before CUDA initialises
     try:
         check_train_data(job.cfg, job.recipe, job.recipe_class, env.world_size)  # before any process group
         with dist_session(env, job.cfg.dist) as session:
@@ -109,6 +113,8 @@ def run(job: cli.Job, env: DistEnv, stop: StopFlag) -> int:
     except NonFiniteLoss as err:
         log.error("%s", err)
         return EXIT_NONFINITE
+    except OutOfMemoryReported as err:  # explained and written to the run dir already
+        return err.code
     except Exception as err:  # noqa: BLE001 - sorted into "a peer failed" and "this rank failed"
         return report_failure(err, env, WHERE)
     return 0

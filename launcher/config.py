@@ -188,6 +188,39 @@ class ProfileConfig:
     works with profile.enabled=false. Needs CUDA."""
 
 
+class Preflight(str, Enum):
+    warn = "warn"
+    refuse = "refuse"
+    off = "off"
+
+
+@dataclass
+class MemoryConfig:
+    preflight: Preflight = Preflight.warn
+    """On CUDA, before the model is built: estimate this rank's peak memory and compare it with the
+    device's free memory. `warn` logs the fixes, `refuse` exits with code 2, `off` skips the check."""
+    limit_gib: float | None = None
+    """Use at most this much of each GPU (torch.cuda.set_per_process_memory_fraction); pre-flight
+    compares with it. E.g. 80 on a 141 GB H200 to check a config for an 80 GB card honestly."""
+    expandable_segments: bool = True
+    """CUDA caching allocator's expandable_segments (less fragmentation when shapes change); set in
+    PYTORCH_CUDA_ALLOC_CONF before CUDA starts, merged with a value you set yourself."""
+    record_history: bool = False
+    """Record allocator history (CUDA) for snapshots: memory_snapshot_rank<r>.pickle in the run dir."""
+    snapshot_steps: list[int] = field(default_factory=lambda: [3])
+    """Steps after which a snapshot is written when record_history is on (and on an out-of-memory)."""
+
+
+@dataclass
+class EstimateConfig:
+    """Read by `python -m launcher.estimate` only; training ignores it."""
+
+    world_size: int = 1
+    """Processes the estimated run would have (torchrun's nproc_per_node x nodes)."""
+    gpu: str = "H100"
+    """The device to compare with: a name (H100, H200, A100-80GB, A100-40GB, L4, ...) or memory in GiB."""
+
+
 @dataclass
 class PrecisionConfig:
     dtype: Precision = Precision.fp32
@@ -392,6 +425,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in run.dir (none: start fresh);
     never: start fresh; or a path to a checkpoint directory."""

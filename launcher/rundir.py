@@ -36,7 +36,18 @@ FINISHED = "FINISHED"
 LOCK = ".lock"
 # Keys that say how or where to run, not what is trained: a run stopped and rerun with a different
 # value of these is the same run.
-IGNORED = ("run", "resume", "logger", "dist", "slurm", "train.stop_at_step", "metrics", "profile")
+IGNORED = (
+    "run",
+    "resume",
+    "logger",
+    "dist",
+    "slurm",
+    "train.stop_at_step",
+    "metrics",
+    "profile",
+    "memory",
+    "estimate",
+)
 
 
 def run_id(cfg: RunConfig, session: DistSession) -> str | None:

@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from launcher.data import TrainStream, eval_batches, is_streaming
 from launcher.dist import DistSession
 from launcher.errors import ConfigError
 from launcher.loggers import build_logger
+from launcher.memory.guard import memory_guard
 from launcher.metrics import MetricsFile, flops_per_micro_batch, memory_stats, peak_flops
 from launcher.nonfinite_guard import NonFiniteGuard
 from launcher.optim import build_optimizer, build_scheduler
@@ -66,8 +68,9 @@ def train(job: Job, session: DistSession, run_dir: Path, stop: StopFlag) -> None
     """Train `job`; `stop` is the process's signal flag (installed at start, so no signal is lost)."""
     trainer = None
     try:
-        trainer = Trainer(job, session, run_dir, stop)
-        trainer.fit()
+        with memory_guard(job, session, run_dir, WHERE) as memory:  # pre-flight, snapshots, OOM report
+            trainer = Trainer(job, session, run_dir, stop)
+            trainer.fit(after_step=memory.after_step)
     except StopRequested as err:
         if session.is_main:
             record = {"step": err.step, "signal": signal.Signals(err.signum).name, "stopped_at": time.time()}
@@ -199,7 +202,7 @@ class Trainer:
             self.strategy.dp_size,
         )
 
-    def fit(self) -> None:
+    def fit(self, after_step: Callable[[int], None] = lambda step: None) -> None:
         if self.resumed is not None and self.resumed >= self.last_step:
             log.info("nothing to do: the run already reached step %d", self.resumed)
         if self.session.any_rank(self.stop.signum is not None)[0]:  # signalled during setup: nothing to save
@@ -238,6 +241,7 @@ class Trainer:
             self._maybe_save(step, force=stop)
             if self.profiler is not None and self.profiler.step(step):
                 self.window_start = time.perf_counter()  # keep writing the trace out of step_time_s
+            after_step(step)
             if stop:
                 raise StopRequested(self.stop.signum or 0, step)
         if self.session.is_main and self.metrics.path.exists():
