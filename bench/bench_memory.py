@@ -242,7 +242,10 @@ def main() -> None:
                 measured = measure_case(name, overrides, args.steps, Path(tmp))
             except Exception as err:  # noqa: BLE001 - one broken case must not end the table
                 measured = {"error": repr(err)}
-            print(f"{name}: measured {measured}", file=sys.stderr, flush=True)
+            pred = predicted[name].result()  # printed as each case ends: a cut-off run keeps what it had
+            print(
+                f"{name}: measured {measured}, predicted {dict(pred, json=None)}", file=sys.stderr, flush=True
+            )
             rows.append((name, overrides, measured))
         extras = {}
         for extra, fn in (
@@ -255,7 +258,7 @@ def main() -> None:
                     extras[extra] = fn()
                 except Exception as err:  # noqa: BLE001
                     extras[extra] = f"failed: {err!r}"
-                print(f"{extra}: done", file=sys.stderr, flush=True)
+                print(f"{extra}: {extras[extra]}", file=sys.stderr, flush=True)
         table, errors = [], []
         for name, overrides, measured in rows:
             pred = predicted[name].result()

@@ -149,14 +149,14 @@ class TrainStream:
             yield batch
 
 
-def check_train_size(dataset: Any, micro_batch_size: int, dp_size: int) -> None:
+def check_train_size(dataset: Any, micro_batch_size: int, dp_size: int, recipe: str = "") -> None:
     """The train set must give every rank at least one micro-batch (streams are not checked)."""
     if is_streaming(dataset):
         return
     if len(dataset) == 0:
         raise ConfigError(
             "recipe",
-            type(dataset).__name__,
+            recipe or type(dataset).__name__,
             "its train dataset is empty",
             "check the recipe's data settings (e.g. recipe.data.path)",
         )

@@ -207,7 +207,7 @@ def check_train_data(cfg: Config, recipe: Any, recipe_class: type, world_size: i
         raise
     except Exception as err:  # noqa: BLE001
         raise recipe_error(recipe_name(recipe_class), "train_dataset()", err) from None
-    check_train_size(dataset, cfg.train.micro_batch_size, dp)
+    check_train_size(dataset, cfg.train.micro_batch_size, dp, recipe_name(recipe_class))
 
 
 def check_run_dir(cfg: Config) -> None:

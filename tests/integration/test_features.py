@@ -150,7 +150,11 @@ def test_default_run_dir_is_shared_by_all_ranks(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (run_dir,) = (tmp_path / "runs" / "gpt").iterdir()  # one directory, named by torchrun's run id
+    runs = tmp_path / "runs" / "gpt"
+    (run_dir,) = [
+        p for p in runs.iterdir() if p.name != "latest"
+    ]  # one directory, named by torchrun's run id
+    assert (runs / "latest").resolve() == run_dir.resolve()
     assert (run_dir / "config.yaml").is_file()
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step_2").iterdir()) == [
         "meta.json",
