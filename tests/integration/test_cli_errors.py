@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import launch
+from tests.conftest import launch, run_cli_in_process
 
 pytestmark = pytest.mark.integration
 
@@ -68,8 +68,10 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("overrides,field,phrase", BAD_CONFIGS, ids=[" ".join(c[0]) for c in BAD_CONFIGS])
 def test_bad_config_exits_2_naming_the_field(overrides, field, phrase, tmp_path):
-    result = launch(
-        overrides, tmp_path, timeout=120, env={"WANDB_API_KEY": "", "NETRC": str(tmp_path / "none")}
+    """In-process through the CLI's entry point (run_cli_in_process): the table is long, and a fresh
+    interpreter per row costs seconds; the subprocess tests below cover the process boundary."""
+    result = run_cli_in_process(
+        overrides, tmp_path, env={"WANDB_API_KEY": "", "NETRC": str(tmp_path / "none")}
     )
     assert result.returncode == 2, result.output[-2000:]
     assert f"invalid config: {field}" in result.stderr
