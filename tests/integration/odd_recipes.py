@@ -24,7 +24,7 @@ class Stack(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.embed = nn.Linear(width, width)
-        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(4))
         self.head = nn.Linear(width, 1)
 
     def forward(self, x):
@@ -95,3 +95,11 @@ class Streaming(Regression):
 
     def eval_dataset(self):
         return DictStream(self.cfg.width, 16)
+
+
+class SmallEval(Regression):
+    """An eval set smaller than one micro-batch: every pipeline schedule must still evaluate it."""
+
+    def eval_dataset(self):
+        g = torch.Generator().manual_seed(2)
+        return TensorDataset(torch.randn(3, self.cfg.width, generator=g), torch.randn(3, 1, generator=g))

@@ -51,6 +51,7 @@ BAD_CONFIGS = [
     (["optim.warmup_steps=500", "train.steps=100"], "optim.warmup_steps=500", "longer than the run"),
     (["run.dir=/proc/1"], "run.dir=/proc/1", "cannot write in /proc/1"),
     (["--cfg", "job", "train.steps=-5"], "train.steps=-5", "must be >= 1"),
+    (["--cfg", "job", "train.stepz=3"], "train.stepz=3", "did you mean train.steps"),
     (["--config-dir", "/no/such/dir"], "--config-dir=/no/such/dir", "is not a directory"),
     (["logger=wandb", "logger.mode=online"], "logger.mode=online", "no wandb API key"),
     ([f"recipe={ODD}:RaisingInit"], f"recipe={ODD}:RaisingInit", "its __init__ raised RuntimeError: boom"),

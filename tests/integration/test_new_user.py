@@ -92,3 +92,23 @@ def test_streaming_dict_samples_train_and_evaluate(tmp_path):
     assert [m["step"] for m in resumed.eval_lines()] == [3, 6]
     assert [m["step"] for m in resumed.train_lines()] == [1, 2, 3, 4, 5, 6]
     assert all(set(m) > {"step"} for m in resumed.metrics())  # no bare {"step": N} records
+
+
+def test_pipeline_evaluates_an_eval_set_smaller_than_a_micro_batch(tmp_path):
+    result = launch(
+        [
+            "recipe=tests.integration.odd_recipes:SmallEval",
+            "parallel=pipeline",
+            "parallel.schedule=zbv_zero_bubble",
+            "parallel.num_microbatches=4",
+            "train.micro_batch_size=4",
+            "train.steps=2",
+            "train.eval_every=2",
+            "logger.progress_bar=false",
+        ],
+        tmp_path,
+        nproc=2,
+    )
+    assert_ok(result)
+    [evaluated] = result.eval_lines()
+    assert evaluated["step"] == 2 and evaluated["eval_loss"] > 0
