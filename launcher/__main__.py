@@ -133,7 +133,7 @@ def report_failure(err: Exception, env: DistEnv, where: dict) -> int:
             type(err).__name__,
             first_line,
         )
-        return EXIT_FAILURE
+        exit_now(EXIT_FAILURE)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         # torchrun prints this traceback in its failure summary; printing it here too would show it twice.
         ErrorHandler().record_exception(err)
@@ -144,8 +144,18 @@ def report_failure(err: Exception, env: DistEnv, where: dict) -> int:
             type(err).__name__,
             first_line,
         )
-        return EXIT_FAILURE
+        exit_now(EXIT_FAILURE)
     raise err
+
+
+def exit_now(code: int) -> None:
+    """Exit at once, without unwinding: after a failed collective, freeing the exception's frames can
+    destroy a pending gloo/NCCL work object, whose destructor may wait forever for its peer (seen:
+    a rank whose collective timed out hung in a futex after reporting, so the job never ended)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_sweep(env: DistEnv, stop: StopFlag) -> int:

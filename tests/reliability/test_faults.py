@@ -111,7 +111,13 @@ def leftover_processes(run_dir: Path) -> list[int]:
 
 
 def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
+    """Wait for the job; one that outlives `timeout` is killed (its whole session) and fails the test."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+        raise AssertionError(f"the job did not end within {timeout} s:\n{out[-3000:]}") from None
     return proc.returncode, out
 
 
