@@ -23,8 +23,10 @@ install: $(VENV)/.installed
 run: install  ## demo: a small GPT on the stdlib sources, DDP over all GPUs or 2 CPU processes
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m launcher experiment=demo $(ARGS)
 
+# Two pytest workers: most tests wait on process start-up, rendezvous and sleeps, so two overlap well
+# even on 2 cores. Tests sharing the Slurm cluster and the namespace nodes stay on one worker.
 test: install  ## the whole suite (unit, multi-process gloo, CLI integration)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check launcher recipes tests bench

@@ -19,7 +19,7 @@ from tests.conftest import REPO, TINY_GPT, assert_ok, launch
 from tests.multinode.cluster import TwoNodeSlurm
 from tests.slurm.cluster import install_reason
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(480), pytest.mark.xdist_group("cluster")]
 
 ARGS = [
     *TINY_GPT,

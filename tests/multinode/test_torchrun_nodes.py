@@ -16,7 +16,7 @@ import torch
 
 from tests.conftest import REPO, TINY_GPT, assert_ok, launch, relative_diff
 
-pytestmark = [pytest.mark.dist, pytest.mark.timeout(360)]
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(360), pytest.mark.xdist_group("cluster")]
 
 STEPS = 8
 ARGS = [

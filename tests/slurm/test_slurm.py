@@ -21,7 +21,7 @@ import yaml
 
 from tests.conftest import REPO, TINY_GPT, assert_ok, launch
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cluster")]
 
 SLOW_GPT = [
     *TINY_GPT,

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import TINY_GPT
 from tests.slurm.test_slurm import slurm_cli, steps, submitted
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), pytest.mark.xdist_group("cluster")]
 
 
 def test_two_jobs_on_one_node_each_have_their_own_rendezvous(slurm, tmp_path):
