@@ -130,16 +130,15 @@ class StepProfiler:
         self.prof.current_action = self.prof.schedule(first_step)
         if hasattr(self.prof, "_prev_schedule_action"):  # torch >= 2.12 keeps the schedule's view too
             self.prof._prev_schedule_action = self.prof.current_action
-        self.last_step, self.written = first_step - 1, False
+        self.last_step = first_step - 1
         self.prof.start()
         self.closed = False
         PHASES_SINK.record = True
 
-    def step(self, step: int) -> bool:
-        """Training step `step` is done. Returns whether a trace was written just now."""
-        self.last_step, self.written = step, False
+    def step(self, step: int) -> None:
+        """Training step `step` is done (the trace is written when it ends the active steps)."""
+        self.last_step = step
         self.prof.step()
-        return self.written
 
     def close(self) -> None:
         """Stop profiling; a window cut short (run stopped early) is still written."""
@@ -155,7 +154,6 @@ class StepProfiler:
         sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort_by, row_limit=self.cfg.row_limit)
         (self.out_dir / f"key_averages_rank{self.rank}_step{last}.txt").write_text(table + "\n")
-        self.written = True
         if self.rank == 0:
             log.info("profile of steps up to %d: %s\ntop ops by %s:\n%s", last, trace, sort_by, table)
 

@@ -1,10 +1,11 @@
-"""Where a step's time goes, measured on log steps only: time_data_s, time_forward_backward_s,
-time_optimizer_s, time_log_sync_s (averaging the loss over ranks for the log line: where a rank waits
-for the slowest) and, with data-parallel peers, time_comm_s.
+"""How long a step takes (StepWindow) and where its time goes, measured on log steps only:
+time_data_s, time_forward_backward_s, time_optimizer_s, time_log_sync_s (averaging the loss over
+ranks for the log line: where a rank waits for the slowest) and, with data-parallel peers, time_comm_s.
 
 On CUDA the intervals are CUDA events on the compute stream, read when the log step synchronises
 anyway (for its loss): no host sync is added, and other steps record nothing. On CPU they are
-perf_counter readings. The four phases tile the step, so they add up to its time; time_comm_s is
+perf_counter readings. The four phases tile the step, so they add up to its time (but for the loop's
+bookkeeping between them); time_comm_s is
 the communication the backward pass did not hide (part of time_forward_backward_s): from the moment
 the last gradient was accumulated to the end of forward_backward, i.e. DDP waiting for its final
 buckets' all-reduce, or the pipeline's gradient all-reduce after the schedule.
@@ -25,6 +26,35 @@ FIELDS = {
     "optimizer": "time_optimizer_s",
     "log_sync": "time_log_sync_s",
 }
+
+
+class StepWindow:
+    """Wall time per training step since the last log line: `step_time_s` and the throughput.
+
+    What is not training (evaluation, checkpoint saves, the profiler stepping and writing its trace)
+    is left out with `excluding()`, wherever it falls: restarting the clock instead would divide the
+    time of the steps after it by every step of the window.
+    """
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps, self.left_out = time.perf_counter(), 0, 0.0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    @contextmanager
+    def excluding(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.left_out += time.perf_counter() - began
+
+    def seconds_per_step(self) -> float:
+        return (time.perf_counter() - self.start - self.left_out) / self.steps
 
 
 class _Clock:

@@ -38,7 +38,7 @@ from launcher.shutdown import StopFlag, StopRequested
 from launcher.starts import record_start
 from launcher.summary import model_line, run_summary
 from launcher.telemetry import GpuTelemetry
-from launcher.timing import StepTimer
+from launcher.timing import StepTimer, StepWindow
 from launcher.train_state import CheckpointState, Progress, seed_everything
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class Trainer:
             log.info("nothing to do: the run already reached step %d", self.resumed)
         if self.session.any_rank(self.stop.signum is not None)[0]:  # signalled during setup: nothing to save
             raise StopRequested(self.stop.signum or signal.SIGTERM, self.progress.step, saved=False)
-        self.window_start, self.window_steps = time.perf_counter(), 0  # after the peers finished setup
+        self.window = StepWindow()  # after the peers finished setup
         for step in range(self.progress.step + 1, self.last_step + 1):
             WHERE.update(phase="train step", step=step)
             self.timer.begin(self._is_log_step(step))
@@ -234,13 +234,14 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.progress.step = step
-            self.window_steps += 1
+            self.window.step()
             self.logger.advance()
             self._maybe_log(step, loss, lr, grad_norm)
             self._maybe_evaluate(step)
             self._maybe_save(step, force=stop)
-            if self.profiler is not None and self.profiler.step(step):
-                self.window_start = time.perf_counter()  # keep writing the trace out of step_time_s
+            if self.profiler is not None:
+                with self.window.excluding():
+                    self.profiler.step(step)
             after_step(step)
             if stop:
                 raise StopRequested(self.stop.signum or 0, step)
@@ -295,7 +296,7 @@ class Trainer:
         self._check_dropped(step)
         with phase("log_sync"):
             mean_loss = self.strategy.mean_loss(loss).item()  # the sync that makes the timing honest
-        step_time = (time.perf_counter() - self.window_start) / self.window_steps
+        step_time = self.window.seconds_per_step()
         record: dict[str, Any] = {
             "step": step,
             "loss": mean_loss,
@@ -314,26 +315,25 @@ class Trainer:
         ):  # per device: a model's FLOPs are spread over its pipeline ranks
             record["mfu"] = self.flops_per_step / self.strategy.model_parallel_size / step_time / self.peak
         if self.strategy.comm_stats is not None:
-            record.update(self.strategy.comm_stats.step(self.window_steps))
+            record.update(self.strategy.comm_stats.step(self.window.steps))
         record.update(memory_stats(self.session.device))
         record.update(self.timer.collect())
         record.update(self.telemetry.sample())
         record["timestamp"] = time.time()
         self._emit(record)
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.window.restart()
 
     def _maybe_evaluate(self, step: int) -> None:
         if self.eval_set is None or (step % self.cfg.train.eval_every and step != self.last_step):
             return
         WHERE.update(phase="evaluation", step=step)
-        with phase("eval"):
+        with phase("eval"), self.window.excluding():
             results = evaluate(self)
         if not results:  # a stream that turned out empty: say so once, never write a bare record
             log.warning("evaluation saw no samples (empty eval stream); evaluation is off for this run")
             self.eval_set = None
             return
         self._emit({"step": step, **results})
-        self.window_start = time.perf_counter()  # keep eval time out of step_time_s
 
     def _maybe_save(self, step: int, force: bool) -> None:
         every = self.cfg.checkpoint.every
@@ -345,11 +345,10 @@ class Trainer:
         if self.saved_step == step:
             return self.checkpointer.root / f"step_{step}"
         WHERE.update(phase="checkpoint save", step=step)
-        with phase("checkpoint"):
+        with phase("checkpoint"), self.window.excluding():
             path = self.checkpointer.save(step, self.state.files(), self.state.meta())
         self.saved_step = step
         log.info("saved %s", path)
-        self.window_start = time.perf_counter()  # keep checkpoint time out of step_time_s
         return path
 
     def _emit(self, record: dict[str, Any]) -> None:

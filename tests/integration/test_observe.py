@@ -75,11 +75,17 @@ def test_traces_cover_exactly_the_active_steps_on_every_rank(run):
 def test_step_time_breakdown_adds_up_and_no_gpu_telemetry_on_cpu(run):
     lines = run[1].train_lines()
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
-    for m in lines:
-        parts = m["time_data_s"] + m["time_forward_backward_s"] + m["time_optimizer_s"] + m["time_log_sync_s"]
-        assert parts == pytest.approx(m["step_time_s"], rel=0.10), m
+    parts = [
+        m["time_data_s"] + m["time_forward_backward_s"] + m["time_optimizer_s"] + m["time_log_sync_s"]
+        for m in lines
+    ]
+    for m, tiled in zip(lines, parts):
+        assert tiled <= m["step_time_s"] * 1.01, m  # the phases lie inside the step
         assert 0.0 <= m["time_comm_s"] <= m["time_forward_backward_s"]  # exposed part of backward
         assert "gpus" not in m  # NVML telemetry: absent without a GPU, not an error
+    # ...and cover it, but for the loop's bookkeeping between them (~2% here). Summed over the steps:
+    # with 2 ranks on 2 shared cores the OS may deschedule a rank in that gap on any one step.
+    assert sum(parts) == pytest.approx(sum(m["step_time_s"] for m in lines), rel=0.10)
 
 
 def test_tensorboard_events_hold_each_logged_scalar_once_across_the_restart(run):
