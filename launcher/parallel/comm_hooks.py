@@ -55,10 +55,6 @@ class CommHook:
     """Bytes per element sent (2 for fp16/bf16 payloads, 4 for fp32)."""
     powersgd: PowerSGDState | BatchedPowerSGDState | None = None
 
-    @property
-    def stateful(self) -> bool:
-        return self.powersgd is not None
-
 
 def check_comm_hook(cfg: Any) -> None:
     """Raises ConfigError for invalid hook settings (before any process group exists)."""

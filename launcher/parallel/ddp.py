@@ -55,7 +55,7 @@ class DDPStrategy:
         self.comm_stats = (
             CommStats(self.comm_hook, list(self.module.parameters())) if self.dp_size > 1 else None
         )
-        self._hook_pending = self.comm_hook is not None
+        self._buckets_pending = isinstance(self.model, DDP)
         if cfg.train.compile:
             # Compiling the DDP wrapper (not the inner module) lets Dynamo split graphs at bucket
             # boundaries so all-reduce still overlaps backward. In place: parameter names unchanged.
@@ -64,8 +64,8 @@ class DDPStrategy:
     def forward_backward(
         self, micro_batches: list[Batch], loss_fn: LossFn, amp: MixedPrecision
     ) -> torch.Tensor:
-        if self._hook_pending:
-            self._register_comm_hook(micro_batches[0], loss_fn, amp)
+        if self._buckets_pending:
+            self._settle_buckets(micro_batches[0], loss_fn, amp)
         total = torch.zeros((), device=self.session.device)
         n = len(micro_batches)
         for i, (inputs, targets) in enumerate(micro_batches):
@@ -79,26 +79,33 @@ class DDPStrategy:
             total += loss.detach()
         return total
 
-    def _register_comm_hook(self, batch: Batch, loss_fn: LossFn, amp: MixedPrecision) -> None:
-        """Register the hook once DDP's gradient buckets are final.
+    def _settle_buckets(self, batch: Batch, loss_fn: LossFn, amp: MixedPrecision) -> None:
+        """Give DDP its final gradient buckets before the first real step of every start.
 
         DDP puts all parameters in one bucket for its first backward, then rebuilds the buckets in the
-        order gradients became ready. PowerSGD keeps per-bucket state (error feedback, warm-start Q),
-        so its buckets must be the same in every step of every run, resumed or not: one throwaway
-        forward/backward (RNG restored, gradients dropped) settles the layout before the hook exists.
+        order gradients became ready. The bucket layout decides each gradient element's summation
+        order across 3+ ranks, and PowerSGD keeps per-bucket state (error feedback, warm-start Q): so
+        the layout must be the same in every step of every run, resumed or not. One throwaway
+        forward/backward settles it, leaving nothing behind: RNG and buffers (BatchNorm statistics)
+        restored, gradients dropped; the comm hook is registered only after it, so its state is
+        untouched. Costs one extra step's compute and all-reduce at start.
         """
-        if self.comm_hook.stateful:
-            cuda = self.session.device.type == "cuda"
-            cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
-            with amp.autocast():
-                loss = loss_fn(self.model(batch[0]), batch[1])
-            loss.backward()
-            self.model.zero_grad(set_to_none=True)
-            torch.set_rng_state(cpu_rng)
-            if cuda:
-                torch.cuda.set_rng_state(cuda_rng)
-        self.model.register_comm_hook(self.comm_hook.state, self.comm_hook.hook)
-        self._hook_pending = False
+        cuda = self.session.device.type == "cuda"
+        cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
+        buffers = [b.detach().clone() for b in self.module.buffers()]
+        with amp.autocast():
+            loss = loss_fn(self.model(batch[0]), batch[1])
+        loss.backward()
+        self.model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(self.module.buffers(), buffers):
+                buffer.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda:
+            torch.cuda.set_rng_state(cuda_rng)
+        if self.comm_hook is not None:
+            self.model.register_comm_hook(self.comm_hook.state, self.comm_hook.hook)
+        self._buckets_pending = False
 
     def eval_forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         # The unwrapped module: DDP's forward may broadcast buffers, a collective that would hang if

@@ -204,7 +204,7 @@ class PipelineStrategy:
             log.warning("comm_hook has no effect with parallel.dp=1: stages have no data-parallel peers")
             self.comm_hook = None
         if self.comm_hook is not None:
-            # Our buckets are fixed from the first step, so stateful hooks need no warm-up step here.
+            # Our buckets are fixed from the first step (DDP's are not: DDPStrategy._settle_buckets).
             self.reducer.register_comm_hook(self.comm_hook.state, self.comm_hook.hook)
         self.comm_stats = CommStats(self.comm_hook, params) if self.reducer is not None else None
         self._step_losses: list[torch.Tensor] = []

@@ -2,7 +2,8 @@
 
     recipe=tests.faults.faulty:FaultyGPT recipe.fault=raise:1:5 recipe.delay_s=0.1
 
-`fault` = "<kind>:<rank>:<n>": on that rank, at its n-th loss computation (one per micro-batch, 1-based),
+`fault` = "<kind>:<rank>:<step>": on that rank, at the first loss computation of training step <step>
+(as the loop's WHERE says: DDP's bucket-settling pass at a start counts as its first step's),
 `sleep` (hang for 10 minutes), `raise` (an exception) or `nan` (a NaN loss). `delay_s` slows every step
 so that tests can act mid-run.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from launcher.train import WHERE
 from recipes.gpt import GPTConfig, GPTRecipe
 
 
@@ -33,21 +35,21 @@ class FaultyGPT(GPTRecipe):
 
     def __init__(self, cfg: FaultyGPTConfig) -> None:
         super().__init__(cfg)
-        self.calls = 0
+        self.fired = False
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
         time.sleep(self.cfg.delay_s)
         loss = super().loss(logits, targets)
-        if not self.cfg.fault:
+        if not self.cfg.fault or self.fired:
             return loss
         kind, rank, at = self.cfg.fault.split(":")
-        if os.environ.get("RANK", "0") != rank or self.calls != int(at):
+        if os.environ.get("RANK", "0") != rank or WHERE != {"phase": "train step", "step": int(at)}:
             return loss
+        self.fired = True
         if kind == "sleep":
             time.sleep(600)
         if kind == "raise":
-            raise InjectedFault(f"injected fault on rank {rank} at loss call {at}")
+            raise InjectedFault(f"injected fault on rank {rank} at step {at}")
         if kind == "nan":
             return loss * float("nan")
         return loss

@@ -258,7 +258,7 @@ def test_exception_on_one_rank_stops_all_with_one_traceback(tmp_path):
     assert code != 0
     assert time.time() - started < 60
     assert out.count('faulty.py", line') == 1  # the failing frame, in torchrun's root-cause summary
-    assert "InjectedFault: injected fault on rank 1 at loss call 5" in out
+    assert "InjectedFault: injected fault on rank 1 at step 5" in out
     assert "rank 1 failed during train step 5" in out
     assert "rank 0: a collective failed" in out  # the peer says so in one line, without a traceback
     assert leftover_processes(run_dir) == []

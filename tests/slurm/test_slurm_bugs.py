@@ -54,7 +54,7 @@ def test_a_failure_is_not_requeued(slurm, tmp_path):
     job_id, run_dir = submitted(slurm_cli(tmp_path, "submit", "slurm=cpu", *args, env=slurm.env))
     slurm.wait_for(job_id, {""}, timeout=120)
     output = (run_dir / f"slurm-{job_id}.out").read_text()
-    assert "injected fault on rank 0 at loss call 3" in output
+    assert "injected fault on rank 0 at step 3" in output
     assert "training failed (exit 1), not requeued" in output
     assert output.count("SLURM_RESTART_COUNT=") == 1 and "launcher.slurm: preempted" not in output
     assert not (run_dir / "STOPPED").exists() and not (run_dir / "FINISHED").exists()
