@@ -54,6 +54,13 @@ class TwoNodeSlurm:
             f"the Slurm nodes never became idle ({states!r}); see {self.root}/*.log, daemons.out"
         )
 
+    def restart_slurmd(self, node: int) -> None:
+        """Bring a lost node back: a fresh slurmd, which registers and returns the node to service."""
+        env = {"SLURM_CONF": str(self.conf), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        log = (self.root / "daemons.out").open("a")
+        cmd = ["slurmd", "-D", "-N", self.nodes.hostnames[node]]
+        self.daemons.append(self.nodes.popen(node, cmd, env=env, stdout=log, stderr=log))
+
     def stop(self) -> None:
         kill_pids([d.pid for d in self.daemons if d.poll() is None])
         for daemon in self.daemons:
@@ -110,6 +117,8 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
+# A node whose slurmd stops answering is DOWN after 10 s (default 300 s): node-loss tests stay short.
+SlurmdTimeout=10
 JobRequeue=1
 # A requeued job starts at the next backfill pass: every second here, not every 30 s.
 SchedulerParameters=bf_interval=1

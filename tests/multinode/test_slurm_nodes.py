@@ -1,7 +1,9 @@
 """A Slurm job over two namespace nodes, through the launcher's real commands: `submit
 slurm.nodes=2` runs one task per node with the rendezvous on node1; USR1 stops every rank at a step
 boundary with a checkpoint, the job is requeued, resumes on both nodes and finishes with the
-parameters of an uninterrupted run, each step logged once; `status` reports it.
+parameters of an uninterrupted run, each step logged once; `status` reports it. Node loss: training
+processes killed on node2 fail the job (not requeued, nothing left); the whole of node2 lost gets the
+job requeued by Slurm, which resumes when the node is back.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.checkpoint import complete_checkpoints, load_file, read_meta
 from tests.conftest import REPO, TINY_GPT, assert_ok, launch
 from tests.multinode.cluster import TwoNodeSlurm
+from tests.multinode.nodes import kill_pids
 from tests.slurm.cluster import install_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480), pytest.mark.xdist_group("cluster")]
@@ -96,3 +100,94 @@ def test_two_node_job_is_preempted_requeued_and_resumes_exactly(cluster, tmp_pat
     resumed = torch.load(run_dir / "checkpoints" / "step_16" / "model.pt", weights_only=True)
     reference = straight.model(16)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_losing_a_node_fails_the_job_without_a_requeue_and_leaves_nothing(cluster, tmp_path):
+    """The training processes on node2 (torchrun and its rank) SIGKILLed mid-step, Slurm's own daemons
+    spared, as under the kernel's OOM killer: the whole step ends, the job fails and is not requeued as
+    if preempted, no job process is left on either node, the last checkpoint is intact."""
+    result = launcher_slurm(cluster, tmp_path, "submit", *JOB_SHAPE, *ARGS, "checkpoint.every=2")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    job_id, run_dir = info["job_id"], Path(info["run_dir"])
+    deadline = time.time() + 150
+    while max(steps(run_dir), default=0) < 4:
+        out = run_dir / f"slurm-{job_id}.out"
+        assert time.time() < deadline, out.read_text()[-3000:] if out.exists() else "no output"
+        time.sleep(0.2)
+    training = [p for p in cluster.nodes.pids(1) if "python" in _cmdline(p)]
+    assert len(training) == 2, [_cmdline(p) for p in cluster.nodes.pids(1)]  # torchrun and rank 1
+    kill_pids(training, grace_s=0)
+    killed_at = time.time()
+    try:
+        cluster.wait_for(job_id, {""}, timeout=60)
+    except TimeoutError as err:
+        left = [_cmdline(p) for k in (0, 1) for p in cluster.nodes.pids(k)]
+        out = (run_dir / f"slurm-{job_id}.out").read_text()
+        raise AssertionError(f"{err}\n{out[-4000:]}\nstill running:\n" + "\n".join(left)) from None
+    ended_in = time.time() - killed_at
+
+    output = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert ended_in < 30, ended_in
+    assert "training failed (exit 137), not requeued: a failure would repeat" in output, output[-3000:]
+    assert "preempted" not in output and "SLURM_RESTART_COUNT=1" not in output
+    assert not (run_dir / "FINISHED").exists()
+    deadline = time.time() + 15  # slurmstepd tidies up for a moment after the job left the queue
+    while _job_processes(cluster) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _job_processes(cluster) == []
+    newest = complete_checkpoints(run_dir / "checkpoints")[0]
+    meta = read_meta(newest)
+    assert meta["step"] >= 2  # step 4's save may have been cut short by the kill: then step 2's is in charge
+    for name in meta["files"]:
+        load_file(newest, name, meta)
+    status = launcher_slurm(cluster, tmp_path, "status", str(run_dir))
+    assert (
+        f"job {job_id}: not in the queue" in status.stdout
+        and f'"step": {max(steps(run_dir))}' in status.stdout
+    )
+
+
+def test_a_lost_node_is_requeued_by_slurm_and_resumes_when_it_is_back(cluster, tmp_path):
+    """The whole of node2 gone (slurmd too: the machine died). Slurm marks it DOWN after SlurmdTimeout
+    and requeues the job (it asked for --requeue); when node2's slurmd is back, the job runs again,
+    resumes from the last checkpoint and finishes with the uninterrupted parameters."""
+    result = launcher_slurm(cluster, tmp_path, "submit", *JOB_SHAPE, *ARGS, "checkpoint.every=2")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    job_id, run_dir = info["job_id"], Path(info["run_dir"])
+    deadline = time.time() + 150
+    while max(steps(run_dir), default=0) < 4:
+        out = run_dir / f"slurm-{job_id}.out"
+        assert time.time() < deadline, out.read_text()[-3000:] if out.exists() else "no output"
+        time.sleep(0.2)
+    cluster.nodes.kill_node(1)
+    cluster.wait_for(job_id, {"PENDING"}, timeout=90)
+    saved = read_meta(complete_checkpoints(run_dir / "checkpoints")[0])["step"]  # nothing runs now
+    assert "node2 down" in cluster.run("sinfo", "-h", "-N", "-o", "%N %T").stdout
+    cluster.restart_slurmd(1)
+    cluster.wait_for(job_id, {""}, timeout=180)
+    output = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert "DUE TO NODE FAILURE" in output, output[-3000:]
+    assert "SLURM_RESTART_COUNT=1" in output and f"resumed from step {saved}" in output
+    assert (run_dir / "FINISHED").exists()
+    assert steps(run_dir) == list(range(1, 17))
+    straight = launch(ARGS, tmp_path, nproc=2, run_dir=tmp_path / "straight")
+    assert_ok(straight)
+    resumed = torch.load(run_dir / "checkpoints" / "step_16" / "model.pt", weights_only=True)
+    reference = straight.model(16)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return f"{pid}: gone"
+
+
+def _job_processes(cluster: TwoNodeSlurm) -> list[str]:
+    """Processes on either node other than Slurm's daemons (slurmctld's script helper included)."""
+    daemons = {d.pid for d in cluster.daemons}
+    found = [_cmdline(p) for k in (0, 1) for p in cluster.nodes.pids(k) if p not in daemons]
+    return [c for c in found if "slurmscript" not in c and not c.endswith("gone")]

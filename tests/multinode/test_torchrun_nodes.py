@@ -1,7 +1,7 @@
 """torchrun across two namespace nodes (2 x 2 ranks, gloo): the same numbers as 4 processes on one
-node, and the loss of a node: the survivor says what happened in time, and with --max-restarts and
-the node back, training resumes from the last checkpoint and ends with the uninterrupted parameters,
-bit for bit.
+node, and the loss of a node: the survivor says what happened in time; without restarts the job ends
+on both nodes, and with --max-restarts and the node back, training resumes from the last checkpoint
+and ends with the uninterrupted parameters, bit for bit.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.checkpoint import complete_checkpoints, load_file, read_meta
 from tests.conftest import REPO, TINY_GPT, assert_ok, launch
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(360), pytest.mark.xdist_group("cluster")]
@@ -146,3 +147,34 @@ def test_node_loss_is_reported_and_a_restart_resumes_exactly(nodes, reference, t
     final, ref = params(run_dir, STEPS), params(reference, STEPS)
     assert all(torch.equal(final[k], ref[k]) for k in ref)
     assert nodes.pids(0) == [] and nodes.pids(1) == []
+
+
+def test_node_loss_without_restarts_ends_the_job_on_both_nodes(nodes, reference, tmp_path):
+    """No --max-restarts: node 2 is SIGKILLed mid-step and the whole job ends within dist.timeout_s +
+    grace, saying why, with nothing left on either node and the last checkpoint intact; the same command
+    later (resume=auto) continues from it to the uninterrupted parameters."""
+    args = [*ARGS, "recipe.delay_s=0.3"]
+    run_dir = tmp_path / "lost"
+    logs = [tmp_path / "node1.log", tmp_path / "node2.log"]
+    survivor = torchrun(nodes, 0, args, run_dir, logs[0])
+    torchrun(nodes, 1, args, run_dir, logs[1])
+    wait_for_step(run_dir, 3)
+    nodes.kill_node(1)
+    killed_at = time.time()
+    code = wait(survivor, timeout=30 + 10 + 30)
+    ended_in = time.time() - killed_at
+    text = logs[0].read_text()
+    assert code != 0 and ended_in < 30 + 10, (code, ended_in, text[-3000:])
+    assert "Another rank died or is stuck" in text
+    assert nodes.pids(0) == [] and nodes.pids(1) == []
+    newest = complete_checkpoints(run_dir / "checkpoints")[0]
+    meta = read_meta(newest)
+    assert meta["step"] >= 2
+    for name in meta["files"]:
+        load_file(newest, name, meta)  # checksum verified, loads with weights_only
+
+    again = [torchrun(nodes, k, args, run_dir, tmp_path / f"again{k + 1}.log") for k in (0, 1)]
+    assert [wait(p) for p in again] == [0, 0], (tmp_path / "again1.log").read_text()[-3000:]
+    assert f"resumed from step {meta['step']}" in (tmp_path / "again1.log").read_text()
+    final, ref = params(run_dir, STEPS), params(reference, STEPS)
+    assert all(torch.equal(final[k], ref[k]) for k in ref)
