@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from launcher.config import GROUP_SCHEMAS, GROUPS, Config, register_schemas
-from launcher.errors import ConfigError, did_you_mean, one_of
+from launcher.errors import ConfigError, config_object, did_you_mean, one_of
 from launcher.recipe import (
     looks_like_import_path,
     recipe_class_for,
@@ -238,22 +238,15 @@ def _to_job(
     world_size: int | Callable[[Config], int],
 ) -> Job:
     _reject_extra_keys(cfg, "")
-    try:
-        config = OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except (OmegaConfBaseException, ValueError, TypeError) as err:
-        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
-        if cause:
-            raise cause from None
+
+    def explain(err: Exception) -> ConfigError:
         key = getattr(err, "full_key", None) or ("recipe" if _fails(cfg.recipe) else "config")
-        value = choices.get("recipe", "") if key == "recipe" else ""
-        fix = (
-            "the recipe's Config checks this in __post_init__; fix the recipe.* value"
-            if key == "recipe"
-            else ""
-        )
-        raise ConfigError(key, value, _first_line(err), fix) from None
+        if key != "recipe":
+            return ConfigError(key, "", _first_line(err))
+        fix = "the recipe's Config checks this in __post_init__; fix the recipe.* value"
+        return ConfigError(key, choices.get("recipe", ""), _first_line(err), fix)
+
+    config = config_object(lambda: OmegaConf.to_object(cfg), explain)
     assert isinstance(config, Config), type(config)
     recipe_class = recipe_class_for(config.recipe)
     recipe = check_recipe(config, recipe_class)  # first: the checks below build the recipe's model too

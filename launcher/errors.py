@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -23,6 +27,22 @@ class ConfigError(ValueError):
         if fix:
             message += f"\n  fix: {fix}"
         super().__init__(message)
+
+
+def config_object(build: Callable[[], T], explain: Callable[[Exception], ConfigError]) -> T:
+    """Run an OmegaConf conversion (merge, to_object) with any failure reported as a ConfigError.
+
+    A recipe Config's own ConfigError (raised in its __post_init__, which OmegaConf wraps) comes through
+    as it is; any other failure as `explain(err)` words it.
+    """
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, ValueError, TypeError) as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise explain(err) from None
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from launcher.checkpoint import CheckpointError, complete_checkpoints, load_file, read_meta, sha256
-from launcher.errors import ConfigError, did_you_mean, one_of
+from launcher.errors import ConfigError, config_object, did_you_mean, one_of
 from launcher.recipe import load_recipe_class
 
 EXPORT_META = "export.json"
@@ -130,22 +130,19 @@ def build_recipe(recipe_path: str, recipe_section: Any) -> Any:
     from recipes import BUILTIN
 
     cls = load_recipe_class(BUILTIN.get(recipe_path, recipe_path))
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(cls.Config), recipe_section)
-        recipe_cfg = OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
-    except (OmegaConfBaseException, ValueError, TypeError) as err:
-        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
-        if cause:
-            raise cause from None
-        raise ConfigError(
+
+    def mismatch(err: Exception) -> ConfigError:
+        return ConfigError(
             "recipe",
             recipe_path,
             f"does not match the saved config ({str(err).splitlines()[0]})",
             "pass the recipe this run was trained with: recipe=<name or pkg.module:Class>",
-        ) from None
-    return cls(recipe_cfg)
+        )
+
+    merged = config_object(
+        lambda: OmegaConf.merge(OmegaConf.structured(cls.Config), recipe_section), mismatch
+    )
+    return cls(config_object(lambda: OmegaConf.to_object(merged), mismatch))
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor], recipe_path: str, source: Path) -> None:
