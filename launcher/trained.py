@@ -139,10 +139,8 @@ def build_recipe(recipe_path: str, recipe_section: Any) -> Any:
             "pass the recipe this run was trained with: recipe=<name or pkg.module:Class>",
         )
 
-    merged = config_object(
-        lambda: OmegaConf.merge(OmegaConf.structured(cls.Config), recipe_section), mismatch
-    )
-    return cls(config_object(lambda: OmegaConf.to_object(merged), mismatch))
+    schema = OmegaConf.structured(cls.Config)
+    return cls(config_object(lambda: OmegaConf.to_object(OmegaConf.merge(schema, recipe_section)), mismatch))
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor], recipe_path: str, source: Path) -> None:

@@ -176,6 +176,18 @@ def assert_ok(result: Result) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.output[-4000:]}"
 
 
+def newest_intact_checkpoint(run_dir: Path) -> int:
+    """The step of run_dir's newest committed checkpoint, after checking every file against meta.json's
+    checksums and loading it (weights_only): what resume=auto would take."""
+    from launcher.checkpoint import complete_checkpoints, load_file, read_meta
+
+    newest = complete_checkpoints(run_dir / "checkpoints")[0]
+    meta = read_meta(newest)
+    for name in meta["files"]:
+        load_file(newest, name, meta)
+    return meta["step"]
+
+
 def relative_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """Largest per-tensor ||a - b|| / ||b|| over a state dict."""
     assert a.keys() == b.keys()

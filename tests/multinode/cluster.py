@@ -33,14 +33,10 @@ class TwoNodeSlurm:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(self._config())
         self._munge._start_munge()
-        env = {"SLURM_CONF": str(self.conf), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        log = (self.root / "daemons.out").open("w")
-        start = [(0, ["slurmctld", "-D", "-c"])] + [
-            (k, ["slurmd", "-D", "-N", name]) for k, name in enumerate(self.nodes.hostnames)
-        ]
-        for node, cmd in start:
-            self.daemons.append(self.nodes.popen(node, cmd, env=env, stdout=log, stderr=log))
+        self._daemon(0, ["slurmctld", "-D", "-c"])
+        for k in range(len(self.nodes.hostnames)):
             time.sleep(0.5)  # slurmctld first: the slurmds register with it
+            self._daemon(k, ["slurmd", "-D", "-N", self.nodes.hostnames[k]])
         deadline = time.time() + 60
         states = ""
         while time.time() < deadline:
@@ -56,9 +52,11 @@ class TwoNodeSlurm:
 
     def restart_slurmd(self, node: int) -> None:
         """Bring a lost node back: a fresh slurmd, which registers and returns the node to service."""
+        self._daemon(node, ["slurmd", "-D", "-N", self.nodes.hostnames[node]])
+
+    def _daemon(self, node: int, cmd: list[str]) -> None:
         env = {"SLURM_CONF": str(self.conf), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         log = (self.root / "daemons.out").open("a")
-        cmd = ["slurmd", "-D", "-N", self.nodes.hostnames[node]]
         self.daemons.append(self.nodes.popen(node, cmd, env=env, stdout=log, stderr=log))
 
     def stop(self) -> None:

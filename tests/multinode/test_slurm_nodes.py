@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.checkpoint import complete_checkpoints, load_file, read_meta
-from tests.conftest import REPO, TINY_GPT, assert_ok, launch
+from tests.conftest import REPO, TINY_GPT, assert_ok, launch, newest_intact_checkpoint
 from tests.multinode.cluster import TwoNodeSlurm
 from tests.multinode.nodes import kill_pids
 from tests.slurm.cluster import install_reason
@@ -58,6 +57,28 @@ def launcher_slurm(cluster: TwoNodeSlurm, cwd: Path, *args: str):
     return cluster.run(sys.executable, "-m", "launcher.slurm", *args, env=env, timeout=120, cwd=cwd)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The final parameters of the same training without interruption (2 processes on one node)."""
+    straight = launch(ARGS, tmp_path_factory.mktemp("straight"), nproc=2)
+    assert_ok(straight)
+    return straight.model(16)
+
+
+def submit_and_wait_for_step(cluster: TwoNodeSlurm, cwd: Path, step: int, *extra: str) -> tuple[str, Path]:
+    """Submit the two-node job; return its id and run dir once it has logged `step`."""
+    result = launcher_slurm(cluster, cwd, "submit", *JOB_SHAPE, *ARGS, *extra)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    job_id, run_dir = info["job_id"], Path(info["run_dir"])
+    deadline = time.time() + 150
+    while max(steps(run_dir), default=0) < step:
+        out = run_dir / f"slurm-{job_id}.out"
+        assert time.time() < deadline, out.read_text()[-3000:] if out.exists() else "no output"
+        time.sleep(0.2)
+    return job_id, run_dir
+
+
 def steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -65,16 +86,8 @@ def steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
 
 
-def test_two_node_job_is_preempted_requeued_and_resumes_exactly(cluster, tmp_path):
-    result = launcher_slurm(cluster, tmp_path, "submit", *JOB_SHAPE, *ARGS)
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout.strip().splitlines()[-1])
-    job_id, run_dir = info["job_id"], Path(info["run_dir"])
-    deadline = time.time() + 150
-    while max(steps(run_dir), default=0) < 4:
-        out = run_dir / f"slurm-{job_id}.out"
-        assert time.time() < deadline, out.read_text()[-3000:] if out.exists() else "no output"
-        time.sleep(0.2)
+def test_two_node_job_is_preempted_requeued_and_resumes_exactly(cluster, uninterrupted, tmp_path):
+    job_id, run_dir = submit_and_wait_for_step(cluster, tmp_path, 4)
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     cluster.wait_for(job_id, {"PENDING"}, timeout=90)
     stopped_at = max(steps(run_dir))
@@ -95,26 +108,15 @@ def test_two_node_job_is_preempted_requeued_and_resumes_exactly(cluster, tmp_pat
     assert "training: finished" in status.stdout
     assert cluster.nodes.pids(1) == [cluster.daemons[2].pid]  # only node2's slurmd is left there
 
-    straight = launch(ARGS, tmp_path, nproc=2, run_dir=tmp_path / "straight")
-    assert_ok(straight)
     resumed = torch.load(run_dir / "checkpoints" / "step_16" / "model.pt", weights_only=True)
-    reference = straight.model(16)
-    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def test_losing_a_node_fails_the_job_without_a_requeue_and_leaves_nothing(cluster, tmp_path):
     """The training processes on node2 (torchrun and its rank) SIGKILLed mid-step, Slurm's own daemons
     spared, as under the kernel's OOM killer: the whole step ends, the job fails and is not requeued as
     if preempted, no job process is left on either node, the last checkpoint is intact."""
-    result = launcher_slurm(cluster, tmp_path, "submit", *JOB_SHAPE, *ARGS, "checkpoint.every=2")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout.strip().splitlines()[-1])
-    job_id, run_dir = info["job_id"], Path(info["run_dir"])
-    deadline = time.time() + 150
-    while max(steps(run_dir), default=0) < 4:
-        out = run_dir / f"slurm-{job_id}.out"
-        assert time.time() < deadline, out.read_text()[-3000:] if out.exists() else "no output"
-        time.sleep(0.2)
+    job_id, run_dir = submit_and_wait_for_step(cluster, tmp_path, 4, "checkpoint.every=2")
     training = [p for p in cluster.nodes.pids(1) if "python" in _cmdline(p)]
     assert len(training) == 2, [_cmdline(p) for p in cluster.nodes.pids(1)]  # torchrun and rank 1
     kill_pids(training, grace_s=0)
@@ -136,11 +138,7 @@ def test_losing_a_node_fails_the_job_without_a_requeue_and_leaves_nothing(cluste
     while _job_processes(cluster) and time.time() < deadline:
         time.sleep(0.2)
     assert _job_processes(cluster) == []
-    newest = complete_checkpoints(run_dir / "checkpoints")[0]
-    meta = read_meta(newest)
-    assert meta["step"] >= 2  # step 4's save may have been cut short by the kill: then step 2's is in charge
-    for name in meta["files"]:
-        load_file(newest, name, meta)
+    assert newest_intact_checkpoint(run_dir) >= 2  # step 4's save may have been cut short by the kill
     status = launcher_slurm(cluster, tmp_path, "status", str(run_dir))
     assert (
         f"job {job_id}: not in the queue" in status.stdout
@@ -148,22 +146,14 @@ def test_losing_a_node_fails_the_job_without_a_requeue_and_leaves_nothing(cluste
     )
 
 
-def test_a_lost_node_is_requeued_by_slurm_and_resumes_when_it_is_back(cluster, tmp_path):
+def test_a_lost_node_is_requeued_by_slurm_and_resumes_when_it_is_back(cluster, uninterrupted, tmp_path):
     """The whole of node2 gone (slurmd too: the machine died). Slurm marks it DOWN after SlurmdTimeout
     and requeues the job (it asked for --requeue); when node2's slurmd is back, the job runs again,
     resumes from the last checkpoint and finishes with the uninterrupted parameters."""
-    result = launcher_slurm(cluster, tmp_path, "submit", *JOB_SHAPE, *ARGS, "checkpoint.every=2")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout.strip().splitlines()[-1])
-    job_id, run_dir = info["job_id"], Path(info["run_dir"])
-    deadline = time.time() + 150
-    while max(steps(run_dir), default=0) < 4:
-        out = run_dir / f"slurm-{job_id}.out"
-        assert time.time() < deadline, out.read_text()[-3000:] if out.exists() else "no output"
-        time.sleep(0.2)
+    job_id, run_dir = submit_and_wait_for_step(cluster, tmp_path, 4, "checkpoint.every=2")
     cluster.nodes.kill_node(1)
     cluster.wait_for(job_id, {"PENDING"}, timeout=90)
-    saved = read_meta(complete_checkpoints(run_dir / "checkpoints")[0])["step"]  # nothing runs now
+    saved = newest_intact_checkpoint(run_dir)  # nothing runs now
     assert "node2 down" in cluster.run("sinfo", "-h", "-N", "-o", "%N %T").stdout
     cluster.restart_slurmd(1)
     cluster.wait_for(job_id, {""}, timeout=180)
@@ -173,11 +163,8 @@ def test_a_lost_node_is_requeued_by_slurm_and_resumes_when_it_is_back(cluster, t
     assert "SLURM_RESTART_COUNT=1" in output and f"resumed from step {saved}" in output
     assert (run_dir / "FINISHED").exists()
     assert steps(run_dir) == list(range(1, 17))
-    straight = launch(ARGS, tmp_path, nproc=2, run_dir=tmp_path / "straight")
-    assert_ok(straight)
     resumed = torch.load(run_dir / "checkpoints" / "step_16" / "model.pt", weights_only=True)
-    reference = straight.model(16)
-    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def _cmdline(pid: int) -> str:
