@@ -65,17 +65,23 @@ def reducer_run(state, hook, steps, bucket_cap_mb=25.0) -> list[list[torch.Tenso
     return out
 
 
-def ddp_run(state, hook) -> list[list[torch.Tensor]]:
-    net = model(GPTModelConfig(vocab_size=256, seq_len=16, d_model=32, n_layers=1, n_heads=2))
+ONE_LAYER = GPTModelConfig(vocab_size=256, seq_len=16, d_model=32, n_layers=1, n_heads=2)
+# Positions (32 x 32) share their shape with the blocks' attn_out, unequally spaced in the bucket: a
+# group that is stacked, not viewed. Two blocks: same-shaped matrices in strided groups of two.
+TWO_LAYERS = GPTModelConfig(vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=2)
+
+
+def ddp_run(state, hook, cfg: GPTModelConfig = ONE_LAYER, compressed_steps: int = 2) -> list[list[torch.Tensor]]:
+    net = model(cfg)
     ddp = DDP(net)  # one bucket: torch's hook mismatches gloo collectives over several
-    idx = torch.randint(0, 256, (2, MODEL.seq_len), generator=torch.Generator().manual_seed(dist.get_rank()))
+    idx = torch.randint(0, 256, (2, cfg.seq_len), generator=torch.Generator().manual_seed(dist.get_rank()))
     ddp(idx).float().pow(2).mean().backward()  # settles DDP's buckets before the stateful hook exists
     ddp.zero_grad(set_to_none=True)
     ddp.register_comm_hook(state, hook)
     out = []
-    for step in range(START + 2):  # two compressed steps: warm start and error feedback in play
+    for step in range(START + compressed_steps):  # 2+ compressed: warm start and error feedback in play
         g = torch.Generator().manual_seed(100 * dist.get_rank() + step)
-        idx = torch.randint(0, 256, (2, MODEL.seq_len), generator=g)
+        idx = torch.randint(0, 256, (2, cfg.seq_len), generator=g)
         ddp(idx).float().pow(2).mean().backward()
         out.append([p.grad.clone() for p in net.parameters()])
         ddp.zero_grad(set_to_none=True)
@@ -108,6 +114,10 @@ def main() -> None:
     )
     stock, ours = states(2)
     results["ddp_r2"] = max_rel_diff(ddp_run(ours, powersgd_hook), ddp_run(stock, powerSGD_hook))
+    stock, ours = states(4)
+    results["ddp_r4_stacked_groups"] = max_rel_diff(
+        ddp_run(ours, powersgd_hook, TWO_LAYERS, 4), ddp_run(stock, powerSGD_hook, TWO_LAYERS, 4)
+    )
 
     # Resume, over many small buckets: steps 0-2, save, load into a fresh state (weights_only),
     # steps 3-5 == the straight run.

@@ -33,11 +33,15 @@ def compared(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("case", ["reducer_r1", "reducer_r4", "reducer_r4_gram_schmidt", "ddp_r2"])
+@pytest.mark.parametrize(
+    "case", ["reducer_r1", "reducer_r4", "reducer_r4_gram_schmidt", "ddp_r2", "ddp_r4_stacked_groups"]
+)
 def test_agrees_with_torch_powersgd(compared, case):
     """Same rank, seed and start_iter, error feedback and warm start on, 6 steps (4 compressed):
     the averaged gradients equal the stock hook's to fp32 rounding (measured <= 2e-6). Rank 4 with
-    Gram-Schmidt (torch: QR) agrees too: the bases differ by column signs, which cancel in P Q^T."""
+    Gram-Schmidt (torch: QR) agrees too: the bases differ by column signs, which cancel in P Q^T.
+    ddp_r4_stacked_groups: two blocks under DDP, 4 compressed steps, with a shape group that is not
+    equally spaced in its bucket (stacked copies), where the error must be added before stacking."""
     assert compared[case] < 1e-5
 
 
