@@ -7,11 +7,13 @@ each problem becomes a ConfigError naming the field, the value and the valid cho
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
 from hydra.core.global_hydra import GlobalHydra
@@ -22,6 +24,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from launcher.auto import resolve_compile
 from launcher.config import GROUP_SCHEMAS, GROUPS, Config, register_schemas
 from launcher.errors import ConfigError, config_object, did_you_mean, one_of
 from launcher.recipe import (
@@ -32,6 +35,7 @@ from launcher.recipe import (
 )
 from launcher.validate import check_config, check_recipe, check_warmup
 
+log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
 # Groups selectable with `group=option`; `experiment` overlays pin combinations.
@@ -143,7 +147,10 @@ def register_all(overrides: list[str]) -> None:
 
 
 def compose_jobs(
-    request: Request, world_size: int | Callable[[Config], int], allow_multirun_world: bool = False
+    request: Request,
+    world_size: int | Callable[[Config], int],
+    allow_multirun_world: bool = False,
+    cuda: bool | Callable[[Config], bool] | None = None,
 ) -> list[Job]:
     """Compose and check every job the request describes (one, or one per sweep point).
 
@@ -151,6 +158,8 @@ def compose_jobs(
         world_size: processes that will run each job, or a function of the job's config giving it
             (a Slurm submission: nodes x processes per node).
         allow_multirun_world: sweep points become separate jobs (Slurm), not one process's loop.
+        cuda: whether the job will run on GPUs (or a function of its config saying so), for the
+            `auto` settings (launcher/auto.py); default: whether this machine has one.
 
     Raises:
         ConfigError: the first invalid override, value or combination.
@@ -178,7 +187,7 @@ def compose_jobs(
         points = [request.overrides]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="launcher"):
-        return [_compose_job(point, request, world_size) for point in points]
+        return [_compose_job(point, request, world_size, cuda) for point in points]
 
 
 def job_from_hydra(
@@ -201,7 +210,12 @@ def hydra_main(task: Callable[[DictConfig], None]) -> None:
 # --- composition ------------------------------------------------------------------------------
 
 
-def _compose_job(overrides: list[str], request: Request, world_size: int | Callable[[Config], int]) -> Job:
+def _compose_job(
+    overrides: list[str],
+    request: Request,
+    world_size: int | Callable[[Config], int],
+    cuda: bool | Callable[[Config], bool] | None,
+) -> Job:
     search = [f"hydra.searchpath=[file://{Path(request.config_dir).resolve()}]"] if request.config_dir else []
     parsed = _parse(overrides)
     group_overrides, key_overrides = [], []
@@ -225,7 +239,7 @@ def _compose_job(overrides: list[str], request: Request, world_size: int | Calla
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
-    job = _to_job(cfg, choices, None, world_size)
+    job = _to_job(cfg, choices, None, world_size, cuda)
     job.overrides = list(overrides)
     check_warmup(job.cfg, any(o.key_or_group == "optim.warmup_steps" for o in key_overrides))
     return job
@@ -236,6 +250,7 @@ def _to_job(
     choices: dict[str, Any],
     output_dir: str | None,
     world_size: int | Callable[[Config], int],
+    cuda: bool | Callable[[Config], bool] | None = None,
 ) -> Job:
     _reject_extra_keys(cfg, "")
 
@@ -248,6 +263,11 @@ def _to_job(
 
     config = config_object(lambda: OmegaConf.to_object(cfg), explain)
     assert isinstance(config, Config), type(config)
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    chose = resolve_compile(config, cuda(config) if callable(cuda) else cuda)
+    if chose:
+        log.info("%s", chose)
     recipe_class = recipe_class_for(config.recipe)
     recipe = check_recipe(config, recipe_class)  # first: the checks below build the recipe's model too
     check_config(config, recipe_class, world_size if isinstance(world_size, int) else world_size(config))

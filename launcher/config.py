@@ -25,6 +25,12 @@ class Precision(str, Enum):
     fp8 = "fp8"
 
 
+class Fp8Recipe(str, Enum):
+    tensorwise = "tensorwise"
+    rowwise = "rowwise"
+    rowwise_with_gw_hp = "rowwise_with_gw_hp"
+
+
 class LRSchedule(str, Enum):
     cosine = "cosine"
     linear = "linear"
@@ -112,12 +118,24 @@ class TrainConfig:
     """torch.use_deterministic_algorithms(True): bit-reproducible kernels where torch has them."""
     activation_checkpointing: bool = False
     """Recompute each of the recipe's blocks in backward instead of storing activations."""
-    compile: bool = False
-    """torch.compile the model (after the parallel wrapper, so DDP's bucketing is graph-aware)."""
+    compile: str = "auto"
+    """torch.compile the model together with the recipe's loss (after the parallel wrapper, so DDP's
+    bucketing is graph-aware): true, false, or auto = on for CUDA runs of at least 1200 steps, where it
+    repays its compile time (launcher/auto.py); config.yaml records what auto chose."""
     nonfinite: NonFinite = NonFinite.stop
     """A NaN/inf loss (or gradient, outside fp16 loss scaling) on any rank: `stop` saves the last good
     state and exits with code 3; `skip` drops that step's update and counts it (`nonfinite_steps`).
     fp16 overflow steps that the GradScaler skips are normal and not counted here."""
+
+    @property
+    def compile_on(self) -> bool:
+        """Whether to compile; only after launcher.auto resolved `compile` (it is never auto here)."""
+        value = str(self.compile).lower()  # True/False set by code count too
+        if value not in ("true", "false"):
+            raise RuntimeError(
+                f"train.compile={self.compile!r} was not resolved (launcher.auto.resolve_compile)"
+            )
+        return value == "true"
 
 
 @dataclass
@@ -230,6 +248,12 @@ class PrecisionConfig:
     """fp16 only: the GradScaler's initial loss scale."""
     growth_interval: int = 2000
     """fp16 only: steps without inf/NaN before the loss scale doubles."""
+    fp8_recipe: Fp8Recipe = Fp8Recipe.tensorwise
+    """fp8 only: torchao's float8 scaling recipe. tensorwise (one scale per tensor: fastest), rowwise
+    (one per row: more accurate, slower casts) or rowwise_with_gw_hp (rowwise, weight gradients in bf16)."""
+    fp8_head: bool = False
+    """fp8 only: also run the recipe's output head (its layout's `post`) in fp8. Off: the head stays bf16,
+    as torchtitan keeps its output layer: its logits feed the softmax, the most precision-sensitive GEMM."""
 
 
 # --- groups with one schema per option -------------------------------------------------------
@@ -307,6 +331,9 @@ class PowerSGDConfig:
     """Additionally cast to fp16/bf16 around PowerSGD (the fp16/bf16 compress wrappers)."""
     seed: int = 0
     """Seed of the random Q initialisation (the same on every rank)."""
+    cuda_graphs: bool = True
+    """impl=ours on CUDA: replay each bucket's arithmetic as CUDA graphs once its tensors stay put (one
+    launch instead of dozens: launcher/parallel/bucket_graphs.py); false launches the kernels one by one."""
 
 
 @dataclass

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
         if request.multirun or request.hydra_only:
             raise ConfigError("--multirun", "", "estimates one config at a time", "drop -m / --cfg")
         cli.register_all(request.overrides)
-        job = cli.compose_jobs(request, lambda c: c.estimate.world_size)[0]
+        job = cli.compose_jobs(request, lambda c: c.estimate.world_size, cuda=True)[0]  # for a GPU
         cfg = job.cfg
         world_size = cfg.estimate.world_size
         if world_size < 1:

@@ -27,8 +27,12 @@ def model_line(model: nn.Module, model_parallel_size: int = 1) -> str:
     )
 
 
-def run_summary(metrics_path: Path, wall_s: float) -> str:
-    """Steps, final and best eval loss, median throughput, peak memory and wall time, from metrics.jsonl."""
+def run_summary(metrics_path: Path, wall_s: float, first_step_s: float | None = None) -> str:
+    """Steps, final and best eval loss, median throughput, peak memory and wall time, from metrics.jsonl.
+
+    The median throughput leaves out nothing but the steps' own spread; the first step of this start
+    (compilation, allocator warm-up) is shown beside the wall time it is part of.
+    """
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -47,7 +51,8 @@ def run_summary(metrics_path: Path, wall_s: float) -> str:
     peaks = [r["max_mem_allocated_gib"] for r in train if "max_mem_allocated_gib" in r]
     if peaks:
         parts.append(f"peak memory {max(peaks):.2f} GiB")
-    parts.append(f"wall time {_duration(wall_s)}")
+    first = f" (first step {first_step_s:.1f} s of it)" if first_step_s is not None else ""
+    parts.append(f"wall time {_duration(wall_s)}{first}")
     return "run summary: " + ", ".join(p for p in parts if p)
 
 

@@ -181,10 +181,11 @@ class Trainer:
         self.unit_per_step = self.global_batch * (tokens_per_sample or 1)
         self.peak = peak_flops(session.device, cfg.metrics.peak_tflops)
         self.flops_per_step: float | None = None
+        self.first_step_s: float | None = None
         self.last_step = cfg.train.stop_at_step or cfg.train.steps
         # Looking inside: step timing and GPU telemetry on log steps, the profiler over its window.
         # (No exposed-comm timing under torch.compile: hooks added for one step would make Dynamo recompile.)
-        timed_comm = self.strategy.comm_stats is not None and not cfg.train.compile
+        timed_comm = self.strategy.comm_stats is not None and not cfg.train.compile_on
         comm_params = self.strategy.module.parameters() if timed_comm else None
         self.timer = StepTimer(cfg.metrics.step_timing, session.device, comm_params)
         self.telemetry = GpuTelemetry(cfg.metrics.gpu_telemetry, session)
@@ -208,6 +209,7 @@ class Trainer:
         if self.session.any_rank(self.stop.signum is not None)[0]:  # signalled during setup: nothing to save
             raise StopRequested(self.stop.signum or signal.SIGTERM, self.progress.step, saved=False)
         self.window = StepWindow()  # after the peers finished setup
+        first_step, first_started = self.progress.step + 1, time.perf_counter()
         for step in range(self.progress.step + 1, self.last_step + 1):
             WHERE.update(phase="train step", step=step)
             self.timer.begin(self._is_log_step(step))
@@ -215,7 +217,7 @@ class Trainer:
                 micro_batches = [next(self.stream) for _ in range(self.cfg.train.grad_accum_steps)]
             self._count_flops(micro_batches[0])
             with phase("forward_backward"):
-                loss = self.strategy.forward_backward(micro_batches, self.recipe.loss, self.amp)
+                loss = self.strategy.forward_backward(micro_batches, self.amp)
             with phase("optimizer"):
                 self.amp.unscale_(self.optimizer)
                 grad_norm = self.strategy.clip_grad_norm_(self.cfg.optim.grad_clip)
@@ -234,6 +236,8 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.progress.step = step
+            if step == first_step:
+                self._first_step_done(time.perf_counter() - first_started)
             self.window.step()
             self.logger.advance()
             self._maybe_log(step, loss, lr, grad_norm)
@@ -246,12 +250,18 @@ class Trainer:
             if stop:
                 raise StopRequested(self.stop.signum or 0, step)
         if self.session.is_main and self.metrics.path.exists():
-            log.info("%s", run_summary(self.metrics.path, time.time() - self.started))
+            log.info("%s", run_summary(self.metrics.path, time.time() - self.started, self.first_step_s))
         if self.progress.step >= self.cfg.train.steps and self.session.is_main:
             # What a Slurm batch script checks to tell "done" from "stopped early: requeue".
             self.finished_marker.write_text(
                 json.dumps({"step": self.progress.step, "finished_at": time.time()})
             )
+
+    def _first_step_done(self, seconds: float) -> None:
+        """The first step of this start: under torch.compile it includes the compilation. Said once."""
+        self.first_step_s = seconds
+        if self.cfg.train.compile_on:
+            log.info("first step took %.1f s: torch.compile compiled the model and loss", seconds)
 
     def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         # Under fp16, non-finite gradients are loss-scale overflow: the GradScaler's business, not ours.

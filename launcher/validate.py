@@ -44,6 +44,8 @@ def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
     _at_least("train.eval_every", train.eval_every, 0, "0 turns evaluation off")
     _at_least("train.eval_batches", train.eval_batches, 0, "0 evaluates the whole eval split")
     _at_least("train.log_every", train.log_every, 1)
+    if train.compile not in ("true", "false"):  # auto and other spellings were resolved while composing
+        raise ConfigError("train.compile", train.compile, "must be auto, true or false")
     if train.stop_at_step is not None and not 1 <= train.stop_at_step <= train.steps:
         raise ConfigError(
             "train.stop_at_step",

@@ -314,7 +314,7 @@ def _comm_hook_parts(cfg: Config, grad_shapes: list[tuple[int, ...]], bucket_cap
 
 
 def _common_parts(cfg: Config, parts: dict[str, int]) -> None:
-    if cfg.train.compile and closed.COMPILE_ACTIVATION_FACTOR != 1.0:
+    if cfg.train.compile_on and closed.COMPILE_ACTIVATION_FACTOR != 1.0:
         saving = int(parts.get("activations", 0) * (1 - closed.COMPILE_ACTIVATION_FACTOR))
         parts["torch.compile activation saving"] = -saving
     parts["cuBLAS workspace"] = closed.CUBLAS_WORKSPACE_BYTES

@@ -39,10 +39,9 @@ class Strategy(Protocol):
     comm_stats: Any
     """CommStats (bytes all-reduced per step), or None without data-parallel peers."""
 
-    def forward_backward(
-        self, micro_batches: list[Batch], loss_fn: LossFn, amp: MixedPrecision
-    ) -> torch.Tensor:
-        """Accumulate gradients over the micro-batches; return the step's mean loss (detached)."""
+    def forward_backward(self, micro_batches: list[Batch], amp: MixedPrecision) -> torch.Tensor:
+        """Accumulate gradients over the micro-batches with the recipe's loss (the strategy took it from
+        the recipe it was built from); return the step's mean loss (detached)."""
 
     def eval_forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Outputs for `inputs` on ranks that produce them, else None. Called under no_grad."""

@@ -13,8 +13,9 @@ from launcher.activation_checkpointing import checkpoint_blocks
 from launcher.config import Config, Precision
 from launcher.dist import DistSession
 from launcher.fp8 import convert_to_fp8
-from launcher.parallel import Batch, LossFn
+from launcher.parallel import Batch
 from launcher.parallel.comm_hooks import CommStats, build_comm_hook
+from launcher.parallel.with_loss import WithLoss
 from launcher.precision import MixedPrecision
 from launcher.recipe import block_layout, resolve_blocks
 
@@ -29,18 +30,21 @@ class DDPStrategy:
         self.model_parallel_size = 1
         self.layout_id = "parallel=ddp"
         torch.manual_seed(cfg.train.seed)  # the same init on every rank, and as in a 1-process run
-        model = convert_to_fp8(recipe.build_model(), cfg.precision)
+        model = convert_to_fp8(
+            recipe.build_model(), cfg.precision, head=getattr(block_layout(recipe), "post", None)
+        )
         if cfg.train.activation_checkpointing:
             checkpoint_blocks(resolve_blocks(model, block_layout(recipe)))
         self.module = model.to(session.device)
-        self.model: torch.nn.Module = self.module
+        # Model and loss as one module: compiled together, and DDP's hooks armed by the same forward.
+        self.model: torch.nn.Module = WithLoss(self.module, recipe.loss)
         if self.dp_size > 1:
             p = cfg.parallel
             # Pass broadcast_buffers only when turned off: torch 2.13 deprecates the argument (warning),
             # torch 2.11 lacks its replacement; leaving it out means "sync buffers" on both.
             extra = {} if p.broadcast_buffers else {"broadcast_buffers": False}
             self.model = DDP(
-                self.module,
+                self.model,
                 device_ids=[session.device.index] if session.device.type == "cuda" else None,
                 bucket_cap_mb=p.bucket_cap_mb,
                 gradient_as_bucket_view=p.gradient_as_bucket_view,
@@ -56,16 +60,14 @@ class DDPStrategy:
             CommStats(self.comm_hook, list(self.module.parameters())) if self.dp_size > 1 else None
         )
         self._buckets_pending = isinstance(self.model, DDP)
-        if cfg.train.compile:
+        if cfg.train.compile_on:
             # Compiling the DDP wrapper (not the inner module) lets Dynamo split graphs at bucket
             # boundaries so all-reduce still overlaps backward. In place: parameter names unchanged.
             self.model.compile()
 
-    def forward_backward(
-        self, micro_batches: list[Batch], loss_fn: LossFn, amp: MixedPrecision
-    ) -> torch.Tensor:
+    def forward_backward(self, micro_batches: list[Batch], amp: MixedPrecision) -> torch.Tensor:
         if self._buckets_pending:
-            self._settle_buckets(micro_batches[0], loss_fn, amp)
+            self._settle_buckets(micro_batches[0], amp)
         total = torch.zeros((), device=self.session.device)
         n = len(micro_batches)
         for i, (inputs, targets) in enumerate(micro_batches):
@@ -74,12 +76,12 @@ class DDPStrategy:
             sync = i == n - 1 or not isinstance(self.model, DDP)
             with nullcontext() if sync else self.model.no_sync():
                 with amp.autocast():
-                    loss = loss_fn(self.model(inputs), targets) / n
+                    loss = self.model(inputs, targets) / n
                 amp.scale(loss).backward()
             total += loss.detach()
         return total
 
-    def _settle_buckets(self, batch: Batch, loss_fn: LossFn, amp: MixedPrecision) -> None:
+    def _settle_buckets(self, batch: Batch, amp: MixedPrecision) -> None:
         """Give DDP its final gradient buckets before the first real step of every start.
 
         DDP puts all parameters in one bucket for its first backward, then rebuilds the buckets in the
@@ -94,7 +96,7 @@ class DDPStrategy:
         cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
         buffers = [b.detach().clone() for b in self.module.buffers()]
         with amp.autocast():
-            loss = loss_fn(self.model(batch[0]), batch[1])
+            loss = self.model(batch[0], batch[1])
         loss.backward()
         self.model.zero_grad(set_to_none=True)
         with torch.no_grad():

@@ -116,10 +116,10 @@ def check_pipeline(cfg: Config, recipe_class: type, world_size: int) -> None:
             f"{name} needs a multiple of parallel.pp={dims.pp} (or fewer microbatches than pp)",
             f"use a multiple of {dims.pp} that divides train.micro_batch_size",
         )
-    if name in ZERO_BUBBLE and cfg.train.compile:
+    if name in ZERO_BUBBLE and cfg.train.compile_on:
         raise ConfigError(
             "train.compile",
-            True,
+            "true",
             f"zero-bubble schedules ({name}) do not support torch.compile",
             "use train.compile=false, or parallel.schedule=1f1b / interleaved_1f1b",
         )
@@ -162,7 +162,7 @@ class PipelineStrategy:
         num_stages = dims.pp * per_rank
         layout = block_layout(recipe)
         torch.manual_seed(cfg.train.seed)  # the whole model, initialised exactly as in a 1-process run
-        model = convert_to_fp8(recipe.build_model(), cfg.precision)
+        model = convert_to_fp8(recipe.build_model(), cfg.precision, head=layout.post if layout else None)
         plan = plan_stages(model, layout, num_stages, p.split_points)
         stage_ids = stage_ids_for_rank(self.pp_rank, dims.pp, per_rank, v_shape=name == "zbv_zero_bubble")
         specs = [plan[s] for s in stage_ids]
@@ -171,7 +171,7 @@ class PipelineStrategy:
         blocks = list(self.module.get_submodule(layout.blocks).values())
         if cfg.train.activation_checkpointing:
             checkpoint_blocks(blocks)
-        if cfg.train.compile:
+        if cfg.train.compile_on:
             for block in blocks:  # per block: graphs never span the pipeline's send/recv
                 block.compile()
         self.has_first, self.has_last = plan[0].index in stage_ids, plan[-1].index in stage_ids
@@ -208,7 +208,9 @@ class PipelineStrategy:
             self.reducer.register_comm_hook(self.comm_hook.state, self.comm_hook.hook)
         self.comm_stats = CommStats(self.comm_hook, params) if self.reducer is not None else None
         self._step_losses: list[torch.Tensor] = []
-        self._recipe_loss: LossFn | None = None
+        # The last stage's loss compiled on its own: the fp32 upcast and log-softmax fuse into the kernels
+        # that read the logits (see with_loss.py); stages end at send/recv, so it cannot join the head.
+        self._recipe_loss: LossFn = torch.compile(recipe.loss) if cfg.train.compile_on else recipe.loss
         self._amp: MixedPrecision | None = None
         self._divisor = 1
 
@@ -218,10 +220,8 @@ class PipelineStrategy:
         scaled = loss / self._divisor
         return self._amp.scale(scaled) if self._amp is not None else scaled
 
-    def forward_backward(
-        self, micro_batches: list[Batch], loss_fn: LossFn, amp: MixedPrecision
-    ) -> torch.Tensor:
-        self._recipe_loss, self._amp = loss_fn, amp
+    def forward_backward(self, micro_batches: list[Batch], amp: MixedPrecision) -> torch.Tensor:
+        self._amp = amp
         self._divisor = self.num_microbatches * len(micro_batches)
         losses: list[torch.Tensor] = []
         for inputs, targets in micro_batches:

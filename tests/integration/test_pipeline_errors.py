@@ -62,7 +62,7 @@ CASES = [
     (
         [*PIPE, "parallel.schedule=zbv_zero_bubble", "train.compile=true"],
         2,
-        "train.compile=True: zero-bubble schedules (zbv_zero_bubble) do not support torch.compile",
+        "train.compile=true: zero-bubble schedules (zbv_zero_bubble) do not support torch.compile",
         "train.compile=false",
     ),
     ([*PIPE, "parallel.bucket_cap_mb=-1"], 2, "parallel.bucket_cap_mb=-1.0: must be > 0", "must be > 0"),
