@@ -8,12 +8,15 @@ else the config is refused before any process starts. torchao is an optional dep
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 from torch import nn
 
 from launcher.config import Precision, PrecisionConfig
 from launcher.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MIN_CAPABILITY = (8, 9)
 
@@ -55,13 +58,53 @@ def fp8_eligible(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def convert_to_fp8(model: nn.Module, cfg: PrecisionConfig) -> nn.Module:
+FP8_PAYS_FROM = 2048
+"""Linear layers narrower than this (the smaller of in and out features) gain little or lose in fp8:
+the casts to fp8 and their amax reductions cost about what the faster matmul saves. Measured on one
+H200, both compiled (bench/RESULTS.md): d_model 768 0.95x of bf16, 2048 1.10x, 4096 1.23x."""
+
+
+def fp8_narrow_share(model: nn.Module, skip: str | None = None) -> float:
+    """Share of the fp8-converted Linear FLOPs (in x out per token) in layers narrower than FP8_PAYS_FROM."""
+    total = narrow = 0
+    for name, module in model.named_modules():
+        if not fp8_eligible(module, name) or _under(name, skip):
+            continue
+        flops = module.in_features * module.out_features
+        total += flops
+        if min(module.in_features, module.out_features) < FP8_PAYS_FROM:
+            narrow += flops
+    return narrow / total if total else 1.0
+
+
+def _under(name: str, prefix: str | None) -> bool:
+    return bool(prefix) and (name == prefix or name.startswith(prefix + "."))
+
+
+def convert_to_fp8(model: nn.Module, cfg: PrecisionConfig, head: str | None = None) -> nn.Module:
     """Swap eligible nn.Linear layers for torchao's Float8Linear (in place) when precision=fp8.
+
+    Args:
+        head: the module name of the recipe's output head (its layout's `post`); it stays bf16 unless
+            precision.fp8_head is set.
 
     Parameter names and shapes are unchanged, so checkpoints load either way.
     """
     if cfg.dtype != Precision.fp8:
         return model
-    from torchao.float8 import convert_to_float8_training
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    return convert_to_float8_training(model, module_filter_fn=fp8_eligible)
+    skip = None if cfg.fp8_head else head
+    narrow = fp8_narrow_share(model, skip)
+    if narrow > 0.5:
+        log.warning(
+            "precision=fp8: %.0f%% of the fp8 matmul work is in Linear layers narrower than %d, where fp8 "
+            "runs slower than bf16 (measured 0.95x at GPT-2-small's 768); precision=bf16 is likely faster",
+            100 * narrow,
+            FP8_PAYS_FROM,
+        )
+    return convert_to_float8_training(
+        model,
+        config=Float8LinearConfig.from_recipe_name(cfg.fp8_recipe.value),
+        module_filter_fn=lambda module, name: fp8_eligible(module, name) and not _under(name, skip),
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.config import Precision, PrecisionConfig
-from launcher.fp8 import convert_to_fp8
+from launcher.config import Fp8Recipe, Precision, PrecisionConfig
+from launcher.fp8 import FP8_PAYS_FROM, convert_to_fp8, fp8_narrow_share
 from recipes.gpt import GPT, GPTModelConfig
 from tests.conftest import TINY_GPT, launch
 
@@ -28,20 +28,32 @@ def test_fp8_conversion_swaps_eligible_linears_only():
     torch.manual_seed(0)
     plain = GPT(cfg)
     torch.manual_seed(0)
-    converted = convert_to_fp8(GPT(cfg), PrecisionConfig(dtype=Precision.fp8))
-    kinds = {
-        name: type(m).__name__ for name, m in converted.named_modules() if isinstance(m, torch.nn.Linear)
-    }
-    assert kinds == {
-        "blocks.0.qkv": "Float8Linear",
-        "blocks.0.attn_out": "Float8Linear",
-        "blocks.0.mlp_in": "Float8Linear",
-        "blocks.0.mlp_out": "Float8Linear",
-        "head.proj": "Float8Linear",
-    }
+    converted = convert_to_fp8(GPT(cfg), PrecisionConfig(dtype=Precision.fp8), head="head")
+
+    def kinds(model):
+        return {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    blocks = {f"blocks.0.{n}": "Float8Linear" for n in ("qkv", "attn_out", "mlp_in", "mlp_out")}
+    assert kinds(converted) == {**blocks, "head.proj": "Linear"}  # the output head stays bf16
+    with_head = PrecisionConfig(dtype=Precision.fp8, fp8_head=True, fp8_recipe=Fp8Recipe.rowwise)
+    rowwise = convert_to_fp8(GPT(cfg), with_head, head="head")
+    assert kinds(rowwise) == {**blocks, "head.proj": "Float8Linear"}
+    granularity = rowwise.head.proj.config.cast_config_input.scaling_granularity
+    assert granularity.value == "axiswise"  # torchao's name for per-row scales
     # Checkpoints stay interchangeable: same parameter names, shapes and (seeded) values.
     a, b = plain.state_dict(), converted.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     odd = GPT(GPTModelConfig(vocab_size=260, seq_len=16, d_model=40, n_layers=1, n_heads=2))
     convert_to_fp8(odd, PrecisionConfig(dtype=Precision.fp8))
     assert not any(type(m).__name__ == "Float8Linear" for m in odd.modules())  # 40, 260 % 16 != 0
+
+
+def test_fp8_narrow_share_flags_models_too_narrow_to_gain():
+    def gpt(d: int) -> torch.nn.Module:
+        with torch.device("meta"):
+            return GPT(GPTModelConfig(vocab_size=50304, seq_len=16, d_model=d, n_layers=2, n_heads=8))
+
+    assert fp8_narrow_share(gpt(768), skip="head") == 1.0  # GPT-2-small width: every matmul too narrow
+    assert fp8_narrow_share(gpt(FP8_PAYS_FROM), skip="head") == 0.0
+    # With the head (768 x 50304) in fp8, its FLOPs count as narrow: min(768, 50304) < FP8_PAYS_FROM.
+    assert 0.0 < fp8_narrow_share(gpt(768)) == 1.0
