@@ -1,7 +1,7 @@
-"""Issue 12 on one GPU, in one run: the launcher against a hand-written loop, fp8, and comm-hook cost.
+"""Issues 12 and 20 on one GPU: the launcher against a hand-written loop, fp8 by width, comm-hook cost.
 
-    python bench/bench_speed.py --hook-cost     # every case, ~7 min on one H100/H200
-    python bench/bench_speed.py --quick --hook-cost   # fewer steps, ~5 min
+    python bench/bench_speed.py --hook-cost     # the main cases and the hook table, ~6 min on one H200
+    python bench/bench_speed.py --suite fp8     # fp8 against bf16 at d_model 768, 2048, 4096, ~8 min
     python bench/bench_speed.py --cases hand_eager,launcher_eager --hook-cost   # pick cases
 
 Model math everywhere: GPT-2-small shape (vocab 50304, d 768, 12 layers, 12 heads, seq 1024, untied
@@ -9,12 +9,14 @@ head; recipes/gpt.py's GPT), micro-batch 16, bf16 autocast, fused AdamW (lr 6e-4
 
 - `hand_*`: a minimal loop as a user writes it from the PyTorch docs (random tokens already on the GPU,
   `F.cross_entropy` on the logits), eager and `model.compile()`; the baselines for the ratios.
+  `hand_fused` compiles one function of autocast forward + loss: what the hardware allows.
 - `launcher_*`: the real CLI (`python -m launcher experiment=gpt2_small ...`, one process), tokens/s as
   the median of its logged windows after the first two (warm-up and compilation not counted in them;
-  the wall time column counts everything). `launcher_same_loss` turns the chunked loss off: the
-  hand-written loop's exact settings, for the <= 1% overhead target.
-- `fp8_compiled` against `launcher_compiled` (bf16): tokens/s and eval loss after the same steps on the
-  stdlib corpus (20 eval batches at the last step).
+  the wall time column counts everything). `launcher_eager` is the default (plain loss since issue 20),
+  `launcher_chunked` the chunked loss (`recipe.loss_chunk_tokens=4096`), `launcher_compiled` the
+  compiled model + loss (`train.compile=true`).
+- `--suite fp8`: at each width, bf16 compiled against fp8 (tensorwise, rowwise) compiled: tokens/s
+  and eval loss after the same steps on the stdlib corpus (20 eval batches at the last step).
 - `--hook-cost`: DDP over a one-rank NCCL group (the all-reduce is free, what remains is the hook's
   own work): no DDP, DDP without hook, fp16, bf16, torch's PowerSGD r4, ours r4 (QR, Gram-Schmidt).
 """
@@ -44,15 +46,42 @@ SHAPE = GPTModelConfig(vocab_size=50304, seq_len=1024, d_model=768, n_layers=12,
 MICRO_BATCH = 16
 TOKENS_PER_STEP = MICRO_BATCH * SHAPE.seq_len
 
-# name -> (overrides of `python -m launcher experiment=gpt2_small`, evaluate at the end)
+# name -> (overrides of `python -m launcher experiment=gpt2_small ...`, evaluate at the end)
 LAUNCHER_CASES = {
-    "launcher_same_loss": (["recipe.loss_chunk_tokens=0"], False),
-    "launcher_eager": ([], False),
-    "launcher_compiled": (["train.compile=true"], True),  # also the bf16 reference for fp8
-    "fp8_compiled": (["train.compile=true", "precision=fp8"], True),
+    "launcher_eager": (["train.compile=false"], False),
+    "launcher_chunked": (["train.compile=false", "recipe.loss_chunk_tokens=4096"], False),
+    "launcher_compiled": (["train.compile=true"], False),
+    "launcher_compiled_mb32": (["train.compile=true", "train.micro_batch_size=32"], False),
 }
-HAND_CASES = ("hand_eager", "hand_compiled")
+HAND_CASES = ("hand_eager", "hand_compiled", "hand_fused")
 ALL_CASES = (*HAND_CASES, *LAUNCHER_CASES)
+
+
+def _width(d: int, layers: int, heads: int, mb: int) -> list[str]:
+    return [
+        f"recipe.model.d_model={d}",
+        f"recipe.model.n_layers={layers}",
+        f"recipe.model.n_heads={heads}",
+        f"train.micro_batch_size={mb}",
+        "train.compile=true",
+    ]
+
+
+FP8 = ["precision=fp8"]
+ROWWISE = [*FP8, "precision.fp8_recipe=rowwise"]
+# name -> (overrides, evaluate at the end): the bf16 reference first at each width, then fp8 variants.
+FP8_CASES = {
+    "d768_bf16": (_width(768, 12, 12, 16), True),
+    "d768_fp8_tensorwise": (_width(768, 12, 12, 16) + FP8, True),
+    "d768_fp8_rowwise": (_width(768, 12, 12, 16) + ROWWISE, True),
+    "d2048_bf16": (_width(2048, 8, 16, 8), True),
+    "d2048_fp8_tensorwise": (_width(2048, 8, 16, 8) + FP8, True),
+    "d2048_fp8_tensorwise_head": (_width(2048, 8, 16, 8) + [*FP8, "precision.fp8_head=true"], True),
+    "d2048_fp8_rowwise": (_width(2048, 8, 16, 8) + ROWWISE, True),
+    "d4096_bf16": (_width(4096, 4, 32, 8), True),
+    "d4096_fp8_tensorwise": (_width(4096, 4, 32, 8) + FP8, True),
+    "d4096_fp8_rowwise": (_width(4096, 4, 32, 8) + ROWWISE, True),
+}
 
 
 # --- the hand-written loop -----------------------------------------------------------------------
@@ -99,20 +128,44 @@ def batches() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.roll(x, -1, dims=1)
 
 
+def fused_step(compiled, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x, y):
+    loss = compiled(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def run_hand(name: str, steps: int) -> dict:
     start = time.time()
     torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()
     model, optimizer = build_hand(compile_model=name == "hand_compiled")
     x, y = batches()
-    step_s = time_steps(partial(hand_step, model, optimizer, x, y), warmup=5, steps=steps)
+    step = partial(hand_step, model, optimizer, x, y)
+    if name == "hand_fused":
+
+        def forward_and_loss(inputs, targets):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(inputs)
+            return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+
+        step = partial(fused_step, torch.compile(forward_and_loss), model, optimizer, x, y)
+    first = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - first
+    step_s = time_steps(step, warmup=5, steps=steps)
     result = {
         "case": name,
         "tokens_per_s": TOKENS_PER_STEP / step_s,
         "step_time_s": step_s,
         "max_mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "first_step_s": first_s,
         "wall_s": time.time() - start,
     }
-    model = optimizer = None  # free before the next case
+    model = optimizer = step = None  # free before the next case
     torch.cuda.empty_cache()
     return result
 
@@ -120,8 +173,8 @@ def run_hand(name: str, steps: int) -> dict:
 # --- the launcher, through its CLI ---------------------------------------------------------------
 
 
-def run_launcher(name: str, steps: int, workdir: Path) -> dict:
-    extra, with_eval = LAUNCHER_CASES[name]
+def run_launcher(name: str, steps: int, workdir: Path, cases: dict = LAUNCHER_CASES) -> dict:
+    extra, with_eval = cases[name]
     if with_eval:
         extra = [*extra, f"train.eval_every={steps}", "train.eval_batches=20"]
     cmd = [
@@ -135,7 +188,11 @@ def run_launcher(name: str, steps: int, workdir: Path) -> dict:
         f"run.dir={workdir / name}",
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The repo first, and whatever the caller had (wheels installed with pip --target, say) after it.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+    }
     start = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=900)
     if proc.returncode != 0:
@@ -151,14 +208,23 @@ def run_launcher(name: str, steps: int, workdir: Path) -> dict:
         "mfu": statistics.median(m["mfu"] for m in train) if "mfu" in train[0] else None,
         "max_mem_allocated_gib": max(m.get("max_mem_allocated_gib", 0) for m in train),
         "eval_loss": evals[-1] if evals else None,
+        "first_step_s": _first_step_s(proc.stderr + proc.stdout),
         "wall_s": time.time() - start,
     }
+
+
+def _first_step_s(log: str) -> float | None:
+    """The launcher's own line: 'first step took 14.6 s: torch.compile compiled the model and loss'."""
+    for line in log.splitlines():
+        if "first step took" in line:
+            return float(line.split("first step took", 1)[1].split()[0])
+    return None
 
 
 # --- comm-hook cost on a one-rank NCCL group -------------------------------------------------------
 
 
-def run_hook_cost(steps: int) -> list[dict]:
+def run_hook_cost(steps: int, only: list[str] | None = None) -> list[dict]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -170,6 +236,24 @@ def run_hook_cost(steps: int) -> list[dict]:
         "nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda:0")
     )
     psgd = dict(rank=4, start_iter=2)
+
+    def ours(rank: int, orthogonalization: str = "auto", graphs: bool = True):
+        return lambda: (
+            powersgd_hook,
+            BatchedPowerSGDState(
+                None,
+                rank,
+                2,
+                2.0,
+                True,
+                True,
+                0.0,
+                0,
+                orthogonalization=orthogonalization,
+                cuda_graphs=graphs,
+            ),
+        )
+
     hooks = {
         "ddp_no_hook": None,
         "fp16": lambda: build_comm_hook(FP16CommHookConfig(), None, False),
@@ -177,12 +261,11 @@ def run_hook_cost(steps: int) -> list[dict]:
         "powersgd_r4_torch": lambda: build_comm_hook(
             PowerSGDConfig(**psgd, impl=PowerSGDImpl.torch), None, False
         ),
-        "powersgd_r4_ours_qr": lambda: build_comm_hook(PowerSGDConfig(**psgd), None, False),
-        "powersgd_r4_ours_gram_schmidt": lambda: (
-            powersgd_hook,
-            BatchedPowerSGDState(None, 4, 2, 2.0, True, True, 0.0, 0, orthogonalization="gram_schmidt"),
-        ),
-        "powersgd_r1_ours": lambda: build_comm_hook(PowerSGDConfig(rank=1, start_iter=2), None, False),
+        "powersgd_r4_ours": lambda: build_comm_hook(PowerSGDConfig(**psgd), None, False),
+        "powersgd_r4_ours_no_graphs": ours(4, graphs=False),
+        "powersgd_r4_ours_qr_no_graphs": ours(4, "qr", graphs=False),
+        "powersgd_r1_ours": ours(1),
+        "powersgd_r8_ours": ours(8),
     }
     x, y = batches()
     results = []
@@ -191,6 +274,8 @@ def run_hook_cost(steps: int) -> list[dict]:
     results.append({"case": "no_ddp", "step_time_s": plain, "overhead": 0.0})
     model = optimizer = None
     for name, make in hooks.items():
+        if only is not None and name not in only:
+            continue
         torch.cuda.empty_cache()
         model, optimizer = build_hand(compile_model=False)
         ddp = DDP(model, device_ids=[0])
@@ -202,8 +287,33 @@ def run_hook_cost(steps: int) -> list[dict]:
         step_s = time_steps(partial(hand_step, ddp, optimizer, x, y), warmup=5, steps=steps)
         results.append({"case": name, "step_time_s": step_s, "overhead": step_s / plain - 1})
         ddp = model = optimizer = None
+    for a, b, label in (
+        (True, False, "graphs_vs_eager"),
+        (False, False, "eager_vs_eager"),
+        (True, True, "graphs_vs_graphs"),
+    ):
+        diff = graphs_agree_with_eager(x, y, ours(4, graphs=a), ours(4, graphs=b))
+        results.append({**diff, "case": f"{label}_max_rel_param_diff"})
     dist.destroy_process_group()
     return results
+
+
+def graphs_agree_with_eager(x, y, graphed, eager, steps: int = 6) -> dict:
+    """The same 6 training steps with the hook's CUDA graphs and without: largest parameter difference."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    params = []
+    for make in (graphed, eager):
+        model, optimizer = build_hand(compile_model=False)
+        ddp = DDP(model, device_ids=[0])
+        hand_step(ddp, optimizer, x, y)
+        ddp.register_comm_hook(*reversed(make()))
+        for _ in range(steps):
+            hand_step(ddp, optimizer, x, y)
+        params.append([p.detach().clone() for p in model.parameters()])
+        ddp = model = optimizer = None
+    diff = max(((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(*params))
+    return {"case": "graphs_vs_eager_max_rel_param_diff", "value": diff, "step_time_s": 0.0, "overhead": 0.0}
 
 
 # --- the table -----------------------------------------------------------------------------------
@@ -213,14 +323,17 @@ def print_tables(results: list[dict], hook_results: list[dict], steps: int) -> N
     by = {r["case"]: r for r in results if "error" not in r}
     print(
         f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
-        f"GPT-2-small shape, micro-batch {MICRO_BATCH}, bf16, {steps} steps per case"
+        f"bf16 autocast, {steps} launcher steps per case"
     )
-    if results:
+    main = [r for r in results if r["case"] in ALL_CASES]
+    if main:
         print(
-            "\n| case | tokens/s | vs hand eager | vs hand compiled | MFU | peak GiB | vs hand eager mem "
-            "| eval loss | wall s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+            f"\nGPT-2-small shape, micro-batch {MICRO_BATCH} unless named\n\n"
+            "| case | tokens/s | vs hand eager "
+            "| vs hand compiled | vs hand fused | peak GiB | mem vs hand compiled | first step s | wall s |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
         )
-    for r in results:
+    for r in main:
         if "error" in r:
             print(f"| {r['case']} | {r['error']} | | | | | | | |")
             continue
@@ -228,55 +341,77 @@ def print_tables(results: list[dict], hook_results: list[dict], steps: int) -> N
         def ratio(base: str, key: str = "tokens_per_s", r=r) -> str:
             return f"{r[key] / by[base][key]:.3f}" if base in by else "-"
 
-        mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
-        ev = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "-"
+        first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") else "-"
         print(
             f"| {r['case']} | {r['tokens_per_s']:,.0f} | {ratio('hand_eager')} | {ratio('hand_compiled')} "
-            f"| {mfu} | {r['max_mem_allocated_gib']:.2f} | {ratio('hand_eager', 'max_mem_allocated_gib')} "
-            f"| {ev} | {r['wall_s']:.0f} |"
+            f"| {ratio('hand_fused')} | {r['max_mem_allocated_gib']:.2f} "
+            f"| {ratio('hand_compiled', 'max_mem_allocated_gib')} | {first} | {r['wall_s']:.0f} |"
         )
-    if "fp8_compiled" in by and "launcher_compiled" in by:
-        fp8, bf16 = by["fp8_compiled"], by["launcher_compiled"]
-        if fp8["eval_loss"] and bf16["eval_loss"]:
-            print(
-                f"\nfp8 / bf16 compiled: tokens/s x{fp8['tokens_per_s'] / bf16['tokens_per_s']:.3f}, "
-                f"eval loss {fp8['eval_loss'] / bf16['eval_loss'] - 1:+.2%}"
-            )
+    fp8 = [r for r in results if r["case"] in FP8_CASES]
+    if fp8:
+        print(
+            "\n| width case | tokens/s | vs bf16 | peak GiB | eval loss | vs bf16 loss | first step s |\n"
+            "| --- | --- | --- | --- | --- | --- | --- |"
+        )
+    for r in fp8:
+        if "error" in r:
+            print(f"| {r['case']} | {r['error']} | | | | | |")
+            continue
+        ref = by.get(r["case"].split("_")[0] + "_bf16")
+        speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.3f}" if ref else "-"
+        loss = f"{r['eval_loss'] / ref['eval_loss'] - 1:+.2%}" if ref and r.get("eval_loss") else "-"
+        ev = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "-"
+        first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") else "-"
+        print(
+            f"| {r['case']} | {r['tokens_per_s']:,.0f} | {speed} | {r['max_mem_allocated_gib']:.2f} | {ev} "
+            f"| {loss} | {first} |"
+        )
     if hook_results:
         print("\n| hook (one-rank NCCL DDP) | step ms | vs no DDP |\n| --- | --- | --- |")
         for r in hook_results:
-            print(f"| {r['case']} | {r['step_time_s'] * 1e3:.1f} | {r['overhead']:+.1%} |")
+            if "value" in r:
+                print(f"\n{r['case']}: {r['value']:.2e}")
+            else:
+                print(f"| {r['case']} | {r['step_time_s'] * 1e3:.1f} | {r['overhead']:+.1%} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma-separated, from {ALL_CASES}")
+    parser.add_argument(
+        "--suite", choices=("main", "fp8"), default="main", help="main cases, or fp8 by width"
+    )
+    parser.add_argument("--cases", help=f"comma-separated, from {ALL_CASES} or {tuple(FP8_CASES)}")
     parser.add_argument("--steps", type=int, default=60, help="launcher steps per case (logged every 10)")
     parser.add_argument("--hand-steps", type=int, default=30, help="timed steps of the hand-written loop")
     parser.add_argument("--quick", action="store_true", help="40 launcher / 15 timed steps")
     parser.add_argument("--hook-cost", action="store_true", help="also the one-rank DDP hook-cost table")
     parser.add_argument("--only-hook-cost", action="store_true", help="just the hook-cost table")
+    parser.add_argument("--hooks", help="comma-separated subset of the hook-cost cases")
     parser.add_argument("--out", type=Path, help="write every result as JSON lines here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_speed.py needs a CUDA GPU")
     if args.quick:
         args.steps, args.hand_steps = 40, 15
-    cases = [] if args.only_hook_cost else args.cases.split(",")
-    unknown = set(cases) - set(ALL_CASES)
+    default = ALL_CASES if args.suite == "main" else tuple(FP8_CASES)
+    cases = [] if args.only_hook_cost else (args.cases.split(",") if args.cases else list(default))
+    unknown = set(cases) - set(ALL_CASES) - set(FP8_CASES)
     if unknown:
-        sys.exit(f"unknown cases {sorted(unknown)}; choose from {ALL_CASES}")
+        sys.exit(f"unknown cases {sorted(unknown)}; choose from {ALL_CASES} or {tuple(FP8_CASES)}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in cases:
             if name in HAND_CASES:
                 results.append(run_hand(name, args.hand_steps))
+            elif name in FP8_CASES:
+                results.append(run_launcher(name, args.steps, Path(tmp), FP8_CASES))
             else:
                 results.append(run_launcher(name, args.steps, Path(tmp)))
             print(json.dumps(results[-1]), flush=True)
-    hook_results = run_hook_cost(args.hand_steps) if args.hook_cost or args.only_hook_cost else []
+    only = args.hooks.split(",") if args.hooks else None
+    hook_results = run_hook_cost(args.hand_steps, only) if args.hook_cost or args.only_hook_cost else []
     for r in hook_results:
         print(json.dumps(r), flush=True)
     if args.out:
