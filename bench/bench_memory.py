@@ -4,6 +4,7 @@ refusal, a leak check and the allocator's fragmentation with changing shapes.
     python bench/bench_memory.py                 # everything, about 6 minutes on one H100/H200
     python bench/bench_memory.py --quick         # no torch.compile case, 30-step leak check (~4.5 min)
     python bench/bench_memory.py --only s_bf16,refuse --steps 6
+    python bench/bench_memory.py --suite heldout --jobs 4   # configs the estimator was not tuned on
 
 For each case: `python -m launcher.estimate <overrides> --json` (on the CPU, all cases in parallel
 while the GPU runs) and `python -m launcher <overrides>` for a few steps, whose metrics.jsonl gives
@@ -29,15 +30,18 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # GPT sizes (vocab 50304, seq 1024): ~60M, gpt2_small (124M + untied head = 163M), ~350M (GPT-2 medium).
+GPT_FAST = "recipe.data.max_bytes=4000000"  # less text to read at start-up: the data do not change memory
 SMALL = [
     "experiment=gpt2_small",
+    GPT_FAST,
     "recipe.model.d_model=512",
     "recipe.model.n_layers=6",
     "recipe.model.n_heads=8",
 ]
-BASE = ["experiment=gpt2_small"]
+BASE = ["experiment=gpt2_small", GPT_FAST]
 MEDIUM = [
     "experiment=gpt2_small",
+    GPT_FAST,
     "recipe.model.d_model=1024",
     "recipe.model.n_layers=24",
     "recipe.model.n_heads=16",
@@ -60,11 +64,60 @@ CASES = {
     "m_bf16_mb16_ac": [*MEDIUM, "train.activation_checkpointing=true"],
     "m_fp32_mb4_sgd": [*MEDIUM, "precision=fp32", "train.micro_batch_size=4", "optim=sgd"],
 }
-COMPILE_CASES = {"b_bf16_mb32_ac_compile"}
+DROP = "recipe.model.dropout=0.1"
+S2048 = "recipe.model.seq_len=2048"
+D1024_16 = ["recipe.model.d_model=1024", "recipe.model.n_layers=16", "recipe.model.n_heads=16"]
+CONV = "recipe=bench.memory_recipes:ConvNetRecipe"
+LSTM = "recipe=bench.memory_recipes:LSTMRecipe"
+ENC = "recipe=bench.memory_recipes:EncoderRecipe"
+# Configs the estimator was not calibrated on (issue 21): the issue's own cases, then wider coverage.
+HELDOUT = {
+    "gpt_drop_mb4": [*BASE, DROP, "train.micro_batch_size=4"],
+    "gpt_s2048_drop_mb4": [*BASE, S2048, DROP, "train.micro_batch_size=4"],
+    "gpt_d1024_s2048_drop_mb4": [*BASE, S2048, DROP, *D1024_16, "train.micro_batch_size=4"],
+    "gpt_s2048_mb4": [*BASE, S2048, "train.micro_batch_size=4"],
+    "conv_bf16_adamw_mb128": [CONV, "precision=bf16", "train.micro_batch_size=128"],
+    "conv_fp32_sgd_ac_mb64": [
+        CONV,
+        "precision=fp32",
+        "optim=sgd",
+        "train.activation_checkpointing=true",
+        "train.micro_batch_size=64",
+    ],
+    "gpt_compile_mb16": [*BASE, "train.compile=true"],
+    "gpt_compile_drop_mb8": [*BASE, DROP, "train.compile=true", "train.micro_batch_size=8"],
+    "gpt_fp16_drop_mb8": [*BASE, DROP, "precision=fp16", "train.micro_batch_size=8"],
+    "gpt_fp32_drop_mb4": [*BASE, DROP, "precision=fp32", "train.micro_batch_size=4"],
+    "gpt_sgd_momentum_mb16": [*BASE, "optim=sgd", "optim.momentum=0.9"],
+    "enc_mask_bf16_mb16": [ENC, "precision=bf16", "recipe.padding_mask=true", "train.micro_batch_size=16"],
+    "enc_nocausal_drop_bf16_mb16": [
+        ENC,
+        "precision=bf16",
+        DROP.replace(".model", ""),
+        "train.micro_batch_size=16",
+    ],
+    "enc_mask_fp32_mb8": [ENC, "precision=fp32", "recipe.padding_mask=true", "train.micro_batch_size=8"],
+    "lstm_bf16_mb32": [LSTM, "precision=bf16", "train.micro_batch_size=32"],
+    "lstm_fp32_ac_mb32": [
+        LSTM,
+        "precision=fp32",
+        "train.activation_checkpointing=true",
+        "train.micro_batch_size=32",
+    ],
+    "conv_bf16_compile_mb128": [CONV, "precision=bf16", "train.compile=true", "train.micro_batch_size=128"],
+    "mlp_fp32_mb1024": [
+        "recipe=digits",
+        "recipe.model.hidden=4096",
+        "recipe.model.n_blocks=8",
+        "precision=fp32",
+        "train.micro_batch_size=1024",
+    ],
+}
+SUITES = {"calibration": CASES, "heldout": HELDOUT}
+COMPILE_CASES = {n for n, o in {**CASES, **HELDOUT}.items() if "train.compile=true" in o}
 EXTRAS = ("refuse", "leak", "fragmentation")
 # Less text to read at start-up: the data does not change memory.
 FAST = [
-    "recipe.data.max_bytes=4000000",
     "train.eval_every=0",
     "checkpoint.every=0",
     "logger.progress_bar=false",
@@ -124,11 +177,19 @@ def train(
     return result
 
 
-def measure_case(name: str, overrides: list[str], steps: int, tmp: Path) -> dict:
+def measure_case(
+    name: str, overrides: list[str], steps: int, tmp: Path, snapshots: Path | None = None
+) -> dict:
     timeout = 300 if name in COMPILE_CASES else 150
-    got = train([*overrides, *NO_PREFLIGHT], tmp / name, steps, timeout)
+    record = ["memory.record_history=true", f"memory.snapshot_steps=[{steps}]"] if snapshots else []
+    got = train([*overrides, *NO_PREFLIGHT, *record], tmp / name, steps, timeout)
     if got["exit"] != 0 or not got.get("lines"):
         return {"error": f"run exit {got['exit']}: " + got["output"].strip()[-400:]}
+    if snapshots:  # the allocator's history, for reading where a prediction and a run part ways
+        pickle = tmp / name / "memory_snapshot_rank0.pickle"
+        if pickle.exists():
+            snapshots.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["gzip", "-c", str(pickle)], stdout=open(snapshots / f"{name}.pickle.gz", "wb"))
     last = got["lines"][-1]
     return {
         "allocated": last["max_mem_allocated_gib"],
@@ -209,9 +270,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--suite", choices=SUITES, default="calibration", help="which set of cases")
+    parser.add_argument("--only", default="", help=f"comma-separated: cases of the suite and/or {EXTRAS}")
     parser.add_argument(
-        "--only", default="", help=f"comma-separated: cases ({', '.join(CASES)}) and/or {EXTRAS}"
+        "--jobs", type=int, default=1, help="training runs at once on the GPU (memory is per process)"
     )
+    parser.add_argument(
+        "--snapshot", default="", help="comma-separated cases whose allocator history to keep"
+    )
+    parser.add_argument("--snapshot-dir", type=Path, default=Path("memory_snapshots"))
     parser.add_argument(
         "--steps", type=int, default=6, help="training steps per case (the peak is reached by 2)"
     )
@@ -219,11 +286,14 @@ def main() -> None:
     parser.add_argument("--limit-gib", type=float, default=80.0, help="memory the refusal demo emulates")
     parser.add_argument("--out", type=Path, help="write the rows as JSON lines here too")
     args = parser.parse_args()
-    chosen = set(args.only.split(",")) - {""} if args.only else set(CASES) | set(EXTRAS)
-    unknown = chosen - set(CASES) - set(EXTRAS)
+    suite = SUITES[args.suite]
+    default = set(suite) | (set(EXTRAS) if args.suite == "calibration" else set())
+    chosen = set(args.only.split(",")) - {""} if args.only else default
+    unknown = chosen - set(suite) - set(EXTRAS)
     if unknown:
         sys.exit(f"unknown --only entries: {sorted(unknown)}")
-    cases = {n: o for n, o in CASES.items() if n in chosen and not (args.quick and n in COMPILE_CASES)}
+    cases = {n: o for n, o in suite.items() if n in chosen and not (args.quick and n in COMPILE_CASES)}
+    snap = set(args.snapshot.split(",")) - {""}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     gpu_gib = (
         round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
@@ -235,13 +305,20 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory() as tmp,
         ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) // 3)) as pool,
+        ThreadPoolExecutor(max_workers=max(1, args.jobs)) as gpu,
     ):
         predicted = {n: pool.submit(estimate, [*o, *FAST], gpu_gib) for n, o in cases.items()}
-        for name, overrides in cases.items():
+
+        def measure(name: str) -> dict:
             try:
-                measured = measure_case(name, overrides, args.steps, Path(tmp))
+                where = args.snapshot_dir if name in snap else None
+                return measure_case(name, cases[name], args.steps, Path(tmp), where)
             except Exception as err:  # noqa: BLE001 - one broken case must not end the table
-                measured = {"error": repr(err)}
+                return {"error": repr(err)}
+
+        runs = {n: gpu.submit(measure, n) for n in cases}
+        for name, overrides in cases.items():
+            measured = runs[name].result()
             pred = predicted[name].result()  # printed as each case ends: a cut-off run keeps what it had
             print(
                 f"{name}: measured {measured}, predicted {dict(pred, json=None)}", file=sys.stderr, flush=True
@@ -286,7 +363,7 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
-        shown = " ".join(o for o in r["overrides"] if o != "experiment=gpt2_small")
+        shown = " ".join(o for o in r["overrides"] if o not in ("experiment=gpt2_small", GPT_FAST))
         if "error" in r:
             print(f"| {r['case']} | `{shown}` | failed: {r['error'][:300]} |")
             continue

@@ -52,6 +52,8 @@ LAUNCHER_CASES = {
     "launcher_chunked": (["train.compile=false", "recipe.loss_chunk_tokens=4096"], False),
     "launcher_compiled": (["train.compile=true"], False),
     "launcher_compiled_mb32": (["train.compile=true", "train.micro_batch_size=32"], False),
+    # The launcher picks the micro-batch (train.micro_batch_size=auto: the fastest that fits the GPU).
+    "launcher_auto": (["train.compile=true", "train.micro_batch_size=auto"], False),
 }
 HAND_CASES = ("hand_eager", "hand_compiled", "hand_fused")
 ALL_CASES = (*HAND_CASES, *LAUNCHER_CASES)
@@ -82,6 +84,31 @@ FP8_CASES = {
     "d4096_fp8_tensorwise": (_width(4096, 4, 32, 8) + FP8, True),
     "d4096_fp8_rowwise": (_width(4096, 4, 32, 8) + ROWWISE, True),
 }
+
+# Throughput by micro-batch and activation checkpointing (what train.micro_batch_size=auto weighs).
+MB_CASES = {
+    f"mb{mb}{'_ac' if ac else ''}{'' if comp else '_eager'}": (
+        [
+            f"train.micro_batch_size={mb}",
+            f"train.activation_checkpointing={str(ac).lower()}",
+            f"train.compile={str(comp).lower()}",
+        ],
+        False,
+    )
+    for mb, ac, comp in (
+        (8, False, True),
+        (16, False, True),
+        (32, False, True),
+        (64, False, True),
+        (128, False, True),
+        (32, True, True),
+        (128, True, True),
+        (16, False, False),
+        (32, False, False),
+        (64, True, False),
+    )
+}
+SUITES = {"main": ALL_CASES, "fp8": tuple(FP8_CASES), "microbatch": tuple(MB_CASES)}
 
 
 # --- the hand-written loop -----------------------------------------------------------------------
@@ -347,6 +374,15 @@ def print_tables(results: list[dict], hook_results: list[dict], steps: int) -> N
             f"| {ratio('hand_fused')} | {r['max_mem_allocated_gib']:.2f} "
             f"| {ratio('hand_compiled', 'max_mem_allocated_gib')} | {first} | {r['wall_s']:.0f} |"
         )
+    mb = [r for r in results if r["case"] in MB_CASES and "error" not in r]
+    if mb:
+        best = max(r["tokens_per_s"] for r in mb)
+        print("\n| micro-batch case | tokens/s | vs best | peak GiB |\n| --- | --- | --- | --- |")
+        for r in mb:
+            print(
+                f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / best:.3f} "
+                f"| {r['max_mem_allocated_gib']:.2f} |"
+            )
     fp8 = [r for r in results if r["case"] in FP8_CASES]
     if fp8:
         print(
@@ -380,7 +416,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--suite", choices=("main", "fp8"), default="main", help="main cases, or fp8 by width"
+        "--suite", choices=SUITES, default="main", help="main cases, fp8 by width, or micro-batch sizes"
     )
     parser.add_argument("--cases", help=f"comma-separated, from {ALL_CASES} or {tuple(FP8_CASES)}")
     parser.add_argument("--steps", type=int, default=60, help="launcher steps per case (logged every 10)")
@@ -395,11 +431,11 @@ def main() -> None:
         sys.exit("bench_speed.py needs a CUDA GPU")
     if args.quick:
         args.steps, args.hand_steps = 40, 15
-    default = ALL_CASES if args.suite == "main" else tuple(FP8_CASES)
+    default = SUITES[args.suite]
     cases = [] if args.only_hook_cost else (args.cases.split(",") if args.cases else list(default))
-    unknown = set(cases) - set(ALL_CASES) - set(FP8_CASES)
-    if unknown:
-        sys.exit(f"unknown cases {sorted(unknown)}; choose from {ALL_CASES} or {tuple(FP8_CASES)}")
+    known = {c for suite in SUITES.values() for c in suite}
+    if set(cases) - known:
+        sys.exit(f"unknown cases {sorted(set(cases) - known)}; choose from {SUITES}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in cases:
@@ -407,6 +443,8 @@ def main() -> None:
                 results.append(run_hand(name, args.hand_steps))
             elif name in FP8_CASES:
                 results.append(run_launcher(name, args.steps, Path(tmp), FP8_CASES))
+            elif name in MB_CASES:
+                results.append(run_launcher(name, args.steps, Path(tmp), MB_CASES))
             else:
                 results.append(run_launcher(name, args.steps, Path(tmp)))
             print(json.dumps(results[-1]), flush=True)

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 
-def checkpoint_blocks(blocks: nn.ModuleList) -> None:
+def checkpoint_blocks(
+    blocks: nn.ModuleList,
+    context_fn: Callable[[], tuple[AbstractContextManager, AbstractContextManager]] = noop_context_fn,
+) -> None:
     """Make every block recompute its activations during backward.
 
     The block's `forward` is replaced on the instance rather than wrapped in a new module, so
-    parameter names and state dicts stay exactly as the recipe defined them.
+    parameter names and state dicts stay exactly as the recipe defined them. `context_fn` (torch's):
+    context managers for the forward and the recomputation, which runs inside backward, where a
+    caller's torch-function mode is not active (the memory trace needs its mode in both).
     """
     for block in blocks:
         # use_reentrant=False: works with inputs that don't require grad, and with torch.compile.
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(
+            checkpoint, block.forward, use_reentrant=False, context_fn=context_fn
+        )

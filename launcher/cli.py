@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from launcher.auto import resolve_compile
 from launcher.config import GROUP_SCHEMAS, GROUPS, Config, register_schemas
 from launcher.errors import ConfigError, config_object, did_you_mean, one_of
+from launcher.memory.autobatch import device_bytes_here, needs_resolving, normalize, resolve_batch
 from launcher.recipe import (
     looks_like_import_path,
     recipe_class_for,
@@ -34,6 +35,8 @@ from launcher.recipe import (
     register_recipe_by_path,
 )
 from launcher.validate import check_config, check_recipe, check_warmup
+
+SizeFor = Callable[[Config], "tuple[int, str] | None"]
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -151,6 +154,7 @@ def compose_jobs(
     world_size: int | Callable[[Config], int],
     allow_multirun_world: bool = False,
     cuda: bool | Callable[[Config], bool] | None = None,
+    size_for: SizeFor | None = device_bytes_here,
 ) -> list[Job]:
     """Compose and check every job the request describes (one, or one per sweep point).
 
@@ -160,6 +164,8 @@ def compose_jobs(
         allow_multirun_world: sweep points become separate jobs (Slurm), not one process's loop.
         cuda: whether the job will run on GPUs (or a function of its config saying so), for the
             `auto` settings (launcher/auto.py); default: whether this machine has one.
+        size_for: (bytes, name) of the GPU that micro_batch_size=auto sizes for, from the config;
+            default: this machine's; None leaves auto for the machine that runs the job.
 
     Raises:
         ConfigError: the first invalid override, value or combination.
@@ -187,7 +193,7 @@ def compose_jobs(
         points = [request.overrides]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="launcher"):
-        return [_compose_job(point, request, world_size, cuda) for point in points]
+        return [_compose_job(point, request, world_size, cuda, size_for) for point in points]
 
 
 def job_from_hydra(
@@ -215,6 +221,7 @@ def _compose_job(
     request: Request,
     world_size: int | Callable[[Config], int],
     cuda: bool | Callable[[Config], bool] | None,
+    size_for: SizeFor | None,
 ) -> Job:
     search = [f"hydra.searchpath=[file://{Path(request.config_dir).resolve()}]"] if request.config_dir else []
     parsed = _parse(overrides)
@@ -239,7 +246,7 @@ def _compose_job(
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
-    job = _to_job(cfg, choices, None, world_size, cuda)
+    job = _to_job(cfg, choices, None, world_size, cuda, size_for)
     job.overrides = list(overrides)
     check_warmup(job.cfg, any(o.key_or_group == "optim.warmup_steps" for o in key_overrides))
     return job
@@ -251,6 +258,7 @@ def _to_job(
     output_dir: str | None,
     world_size: int | Callable[[Config], int],
     cuda: bool | Callable[[Config], bool] | None = None,
+    size_for: SizeFor | None = device_bytes_here,
 ) -> Job:
     _reject_extra_keys(cfg, "")
 
@@ -269,8 +277,15 @@ def _to_job(
     if chose:
         log.info("%s", chose)
     recipe_class = recipe_class_for(config.recipe)
+    ranks = world_size if isinstance(world_size, int) else world_size(config)
+    if size_for is None and needs_resolving(config):
+        normalize(config)  # auto stays: resolved where the job runs and its GPU is known
+    else:
+        picked = resolve_batch(config, recipe_class, ranks, size_for(config) if size_for else None)
+        if picked:
+            log.info("%s", picked)
     recipe = check_recipe(config, recipe_class)  # first: the checks below build the recipe's model too
-    check_config(config, recipe_class, world_size if isinstance(world_size, int) else world_size(config))
+    check_config(config, recipe_class, ranks)
     recipe_choice = str(choices.get("recipe") or recipe_class.__name__)
     recipe_name = recipe_choice.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
     return Job(config, recipe_class, recipe_name, output_dir, recipe=recipe)

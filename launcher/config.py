@@ -99,10 +99,15 @@ class RunConfig:
 class TrainConfig:
     steps: int = 100
     """Optimizer steps to train for (not micro-steps)."""
-    micro_batch_size: int = 8
-    """Samples per rank per forward/backward."""
+    micro_batch_size: Any = 8
+    """Samples per rank per forward/backward: an integer, or auto = the fastest that fits this GPU by
+    the memory estimate (launcher/memory/autobatch.py; what it picked is logged and in config.yaml)."""
     grad_accum_steps: int = 1
     """Micro-steps per optimizer step. Global batch = micro_batch_size * grad_accum_steps * dp size."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all data-parallel ranks. Set, it fixes the global batch and
+    grad_accum_steps is derived from it (global / (micro_batch_size * dp size)); with
+    micro_batch_size=auto it is what auto keeps. Unset: micro_batch_size * grad_accum_steps * dp size."""
     eval_every: int = 50
     """Evaluate on the held-out split every N steps and at the end; 0 turns evaluation off."""
     eval_batches: int = 10
@@ -116,8 +121,9 @@ class TrainConfig:
     """Seeds model init (same on every rank), data order, and per-rank RNG (seed + rank)."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True): bit-reproducible kernels where torch has them."""
-    activation_checkpointing: bool = False
-    """Recompute each of the recipe's blocks in backward instead of storing activations."""
+    activation_checkpointing: Any = False
+    """Recompute each of the recipe's blocks in backward instead of storing activations: true, false,
+    or auto = on only if that is the fastest choice that fits (with micro_batch_size, see above)."""
     compile: str = "auto"
     """torch.compile the model together with the recipe's loss (after the parallel wrapper, so DDP's
     bucketing is graph-aware): true, false, or auto = on for CUDA runs of at least 1200 steps, where it

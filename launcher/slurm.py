@@ -146,7 +146,11 @@ def submit(overrides: list[str], multirun: bool, dry_run: bool) -> int:
     cli.register_all(request.overrides)
     # Validated as training will see it: one job per sweep point, at the job's world size.
     jobs = cli.compose_jobs(
-        request, world_size, allow_multirun_world=True, cuda=lambda c: c.slurm.gpus_per_node > 0
+        request,
+        world_size,
+        allow_multirun_world=True,
+        cuda=lambda c: c.slurm.gpus_per_node > 0,
+        size_for=None,  # micro_batch_size=auto is sized on the node, for its GPU
     )
     stamp = new_run_id()
     for k, job in enumerate(jobs):

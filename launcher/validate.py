@@ -23,6 +23,7 @@ from launcher.config import (
 )
 from launcher.errors import ConfigError
 from launcher.fp8 import check_fp8
+from launcher.memory.autobatch import is_auto
 from launcher.parallel import check_parallel
 from launcher.parallel.comm_hooks import check_comm_hook
 from launcher.profile import check_profile
@@ -39,8 +40,11 @@ def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
     """
     train, optim = cfg.train, cfg.optim
     _at_least("train.steps", train.steps, 1)
-    _at_least("train.micro_batch_size", train.micro_batch_size, 1)
+    if not is_auto(train.micro_batch_size):  # auto is resolved where the GPU is known (a Slurm node)
+        _at_least("train.micro_batch_size", train.micro_batch_size, 1)
     _at_least("train.grad_accum_steps", train.grad_accum_steps, 1)
+    if train.global_batch_size is not None:
+        _at_least("train.global_batch_size", train.global_batch_size, 1)
     _at_least("train.eval_every", train.eval_every, 0, "0 turns evaluation off")
     _at_least("train.eval_batches", train.eval_batches, 0, "0 evaluates the whole eval split")
     _at_least("train.log_every", train.log_every, 1)
@@ -89,7 +93,7 @@ def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
         raise ConfigError("logger.project", cfg.logger.project, "must not be empty")
     if isinstance(cfg.parallel, (DDPConfig, PipelineConfig)):
         _positive("parallel.bucket_cap_mb", cfg.parallel.bucket_cap_mb)
-    if train.activation_checkpointing and block_layout(recipe_class) is None:
+    if train.activation_checkpointing is True and block_layout(recipe_class) is None:
         raise ConfigError(
             "train.activation_checkpointing",
             True,

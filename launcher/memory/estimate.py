@@ -13,6 +13,7 @@ buffers, cuBLAS workspace, the allocator's caching and the CUDA context.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ import torch
 from launcher.activation_checkpointing import checkpoint_blocks
 from launcher.config import Config, DDPConfig, PipelineConfig, PowerSGDConfig
 from launcher.memory import parts as closed
+from launcher.memory.compiled import fused_loss
+from launcher.memory.cuda_kernels import CudaKernels
 from launcher.memory.step_trace import (
     fake_batch,
     fake_mode,
@@ -133,6 +136,7 @@ def _trace_key(cfg: Config, *extra: Any) -> str:
             t.micro_batch_size,
             min(t.grad_accum_steps, 2),
             t.activation_checkpointing,
+            t.compile_on,
             *extra,
         )
     )
@@ -143,7 +147,7 @@ def _build(recipe: Any, checkpointing: bool):
     with torch.device("meta"):
         model = recipe.build_model()
     if checkpointing:
-        checkpoint_blocks(resolve_blocks(model, block_layout(recipe)))
+        checkpoint_blocks(resolve_blocks(model, block_layout(recipe)), lambda: (nullcontext(), CudaKernels()))
     return model
 
 
@@ -154,8 +158,10 @@ def _data_parallel(cfg: Config, recipe: Any, sample: Any, world_size: int) -> Ra
         with fake_mode():
             model = materialize(_build(recipe, train.activation_checkpointing))
             batch = fake_batch(sample, train.micro_batch_size)
-            forward = model_forward(recipe.loss)
-            trace = trace_step(model, forward, batch, cfg.optim, amp, min(train.grad_accum_steps, 2))
+            forward = model_forward(recipe.loss, compiled=train.compile_on)
+            trace = trace_step(
+                model, forward, batch, cfg.optim, amp, min(train.grad_accum_steps, 2), train.compile_on
+            )
             return trace, _checkpointing_notes(cfg, recipe, batch, forward, trace.activations, amp)
 
     trace, notes = _cached(_trace_key(cfg, "whole model"), make)
@@ -207,8 +213,10 @@ def _pipeline(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[l
                 part = materialize(ModelPart(model, layout, held))
                 stages = [StageModule(part, layout, spec) for spec in held]
                 batch, inputs = _stage_inputs(sample, micro, held, boundary)
-                forward = _stages_forward(stages, inputs, recipe.loss)
-                return trace_step(part, forward, batch, cfg.optim, amp, min(train.grad_accum_steps, 2))
+                forward = _stages_forward(stages, inputs, recipe.loss, train.compile_on)
+                return trace_step(
+                    part, forward, batch, cfg.optim, amp, min(train.grad_accum_steps, 2), train.compile_on
+                )
 
         trace = _cached(_trace_key(cfg, "stages", held, micro), make)
         parts = _ordered(trace.at_peak)
@@ -262,9 +270,10 @@ def _stage_inputs(sample, micro, held, boundary):
     return [*inputs, targets], inputs
 
 
-def _stages_forward(stages, inputs, loss_fn):
-    """Forward of each held stage on its own input; the last stage's loss, the others' outputs summed
-    (whose gradient, ones, stands in for the gradient a stage receives)."""
+def _stages_forward(stages, inputs, loss_fn, compiled: bool):
+    """Forward of each held stage on its own input; the last stage's loss (fused with the stage when
+    compiled), the others' outputs summed (whose gradient, ones, stands in for the gradient a stage
+    receives)."""
 
     def forward(module, batch, tracker):
         total = None
@@ -273,7 +282,7 @@ def _stages_forward(stages, inputs, loss_fn):
             if stage.post is not None:
                 tracker.register(out, "logits")
                 tracker.phase = "loss"
-                out = loss_fn(out, batch[-1])
+                out = fused_loss(loss_fn, out, batch[-1], tracker) if compiled else loss_fn(out, batch[-1])
                 tracker.phase = "forward"
             else:
                 out = out.float().sum()
@@ -289,7 +298,9 @@ def _checkpointing_notes(cfg, recipe, batch, forward, traced, amp) -> dict[str, 
     notes: dict[str, Any] = {"activations per micro-batch GiB": _gib(traced)}
     if block_layout(recipe) is None:
         return notes
-    other = trace_forward_activations(materialize(_build(recipe, not on)), forward, batch, amp)
+    other = trace_forward_activations(
+        materialize(_build(recipe, not on)), forward, batch, amp, cfg.train.compile_on
+    )
     with_ac, without_ac = (traced, other) if on else (other, traced)
     notes.update(
         {
@@ -314,9 +325,6 @@ def _comm_hook_parts(cfg: Config, grad_shapes: list[tuple[int, ...]], bucket_cap
 
 
 def _common_parts(cfg: Config, parts: dict[str, int]) -> None:
-    if cfg.train.compile_on and closed.COMPILE_ACTIVATION_FACTOR != 1.0:
-        saving = int(parts.get("activations", 0) * (1 - closed.COMPILE_ACTIVATION_FACTOR))
-        parts["torch.compile activation saving"] = -saving
     parts["cuBLAS workspace"] = closed.CUBLAS_WORKSPACE_BYTES
 
 
@@ -330,6 +338,7 @@ ORDER = (
     "backward temporaries",
     "optimizer step temporaries",
     "inputs",
+    "kernel workspace (cuDNN)",
 )
 
 

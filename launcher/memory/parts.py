@@ -28,10 +28,6 @@ RESERVED_OVERHEAD = {True: 0.03, False: 0.12}
 """Reserved / allocated - 1 (caching and fragmentation), by memory.expandable_segments."""
 HEADROOM = 0.05
 """Fraction of the device an estimate leaves free before it says "fits": room for its own error."""
-COMPILE_ACTIVATION_FACTOR = 1.0
-"""Activations under torch.compile relative to eager, at the peak. 1.0: on 1x H100 (bench/RESULTS.md,
-2026-11-24) gpt2_small bf16 peaked at 16.48 GiB both eager and compiled (the peak is the eager loss)."""
-
 # torch.cuda.get_device_properties(...).total_memory, in GiB, by name.
 DEVICE_GIB = {
     "H200": 139.8,

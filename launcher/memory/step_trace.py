@@ -10,6 +10,7 @@ CUDA). Optimizer state is created first, so the traced step is a steady-state on
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from launcher.config import OptimConfig
-from launcher.memory.trace import LiveBytes, allocated_bytes
+from launcher.memory.compiled import fused_loss, keep_what_compile_saves
+from launcher.memory.cuda_kernels import CudaKernels
+from launcher.memory.trace import WORKSPACE, LiveBytes, allocated_bytes
 from launcher.optim import build_optimizer
 
 CUDA = torch.device("cuda")
@@ -34,6 +37,7 @@ CATEGORIES = {
     "optimizer step": "optimizer step temporaries",
     "inputs": "inputs",
     "setup": "inputs",
+    WORKSPACE: "kernel workspace (cuDNN)",
 }
 
 
@@ -97,11 +101,13 @@ def trace_step(
     optim_cfg: OptimConfig,
     amp_dtype: torch.dtype | None,
     micro_steps: int = 1,
+    compiled: bool = False,
 ) -> StepTrace:
     """Trace `micro_steps` forward/backward passes and one optimizer step of `module` (fake tensors).
 
     `forward(module, batch, tracker)` returns a scalar loss, or a non-scalar output whose gradient is taken
-    as ones (a pipeline stage before the last). Call inside `fake_mode()`.
+    as ones (a pipeline stage before the last). `compiled`: keep for backward only what torch.compile's
+    partitioner saves (launcher/memory/compiled.py). Call inside `fake_mode()`.
     """
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(module.named_parameters(), optim_cfg, CUDA)
@@ -110,6 +116,7 @@ def trace_step(
             group["foreach"] = True  # torch's default on CUDA
     _create_optimizer_state(params, optimizer)
     tracker = LiveBytes()
+    tracker.record_producers = compiled
     for p in module.parameters():
         tracker.register(p, "parameters")
     for state in optimizer.state.values():
@@ -123,11 +130,14 @@ def trace_step(
     ]
     activations = forward_saved = 0
     try:
-        with tracker:
+        with tracker, CudaKernels():
             for i in range(micro_steps):
                 tracker.phase = "forward"
-                with _autocast(amp_dtype):
-                    loss = forward(module, batch, tracker)
+                with tracker.peak_after() if compiled else nullcontext():
+                    with _autocast(amp_dtype):
+                        loss = forward(module, batch, tracker)
+                    if compiled:
+                        keep_what_compile_saves(tracker)
                 if i == 0:
                     activations = tracker.live["forward"]
                     forward_saved = sum(
@@ -171,22 +181,31 @@ def trace_forward_activations(
     forward: Callable[[nn.Module, list[torch.Tensor], LiveBytes], torch.Tensor],
     batch: list[torch.Tensor],
     amp_dtype: torch.dtype | None,
+    compiled: bool = False,
 ) -> int:
     """Bytes one forward pass saves for backward (for the 'with/without checkpointing' comparison)."""
     tracker = LiveBytes()
+    tracker.record_producers = compiled
     for p in module.parameters():
         tracker.register(p, "parameters")
-    with tracker:
+    with tracker, CudaKernels():
         tracker.phase = "forward"
-        with _autocast(amp_dtype):
-            out = forward(module, batch, tracker)
+        with tracker.peak_after() if compiled else nullcontext():
+            with _autocast(amp_dtype):
+                out = forward(module, batch, tracker)
+            if compiled:
+                keep_what_compile_saves(tracker)
         saved = tracker.live["forward"]
     del out
     return saved
 
 
-def model_forward(loss_fn: Callable | None) -> Callable:
-    """forward(module, batch, tracker): the model's output (tagged as logits) and, if any, its loss."""
+def model_forward(loss_fn: Callable | None, compiled: bool = False) -> Callable:
+    """forward(module, batch, tracker): the model's output (tagged as logits) and, if any, its loss.
+
+    `compiled`: the loss runs as train.compile runs it, in one graph with the model
+    (launcher/parallel/with_loss.py), see `fused_loss`.
+    """
 
     def forward(module: nn.Module, batch: list[torch.Tensor], tracker: LiveBytes) -> torch.Tensor:
         out = module(batch[0])
@@ -194,7 +213,7 @@ def model_forward(loss_fn: Callable | None) -> Callable:
             return out
         tracker.register(out, "logits")
         tracker.phase = "loss"
-        return loss_fn(out, batch[1])
+        return fused_loss(loss_fn, out, batch[1], tracker) if compiled else loss_fn(out, batch[1])
 
     return forward
 
@@ -208,8 +227,6 @@ def _create_optimizer_state(params: list[nn.Parameter], optimizer: torch.optim.O
 
 
 def _autocast(dtype: torch.dtype | None):
-    from contextlib import nullcontext
-
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
 
 

@@ -13,13 +13,19 @@ from __future__ import annotations
 import math
 import weakref
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
+from launcher.memory.cuda_kernels import workspace_bytes
+
+WORKSPACE = "kernel workspace"
+"""Tag of the bytes a kernel takes while it runs (launcher/memory/cuda_kernels.py)."""
 ALLOCATOR_ROUND_BYTES = 512
 """The CUDA caching allocator's smallest block: every allocation is a multiple of it."""
 
@@ -39,6 +45,11 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         # id(storage) -> [tag, bytes]; the entry leaves when the storage is garbage collected.
         self._entries: dict[int, list] = {}
+        # With `record_producers`: serial of a storage -> (recomputable op?, serials of its inputs),
+        # for modelling what torch.compile saves for backward (launcher/memory/compiled.py).
+        self.record_producers = False
+        self.producers: dict[int, tuple[bool, tuple[int, ...]]] = {}
+        self._serial = 0
         self._refs: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.live: Counter[str] = Counter()
         self.phase = "setup"
@@ -48,6 +59,8 @@ class LiveBytes(TorchDispatchMode):
         # The peak without gradients: under DDP gradients live in persistent buckets instead.
         self.peak_without_grads = 0
         self.breakdown_without_grads: dict[str, int] = {}
+        self._fused = 0
+        self._hold_peak = 0
 
     @property
     def total(self) -> int:
@@ -69,9 +82,29 @@ class LiveBytes(TorchDispatchMode):
         entry = self._entries.get(id(storage)) if storage in self._refs else None
         return entry[0] if entry else None
 
+    def serial_of(self, tensor: torch.Tensor) -> int | None:
+        storage = tensor.untyped_storage()
+        entry = self._entries.get(id(storage)) if storage in self._refs else None
+        return entry[2] if entry else None
+
+    def live_entries(self) -> dict[int, tuple[str, int]]:
+        """serial -> (tag, bytes) of every storage alive now."""
+        return {e[2]: (e[0], e[1]) for e in self._entries.values() if e[1]}
+
+    def forget(self, serials: set[int]) -> int:
+        """Stop counting these live storages (a compiled graph would not have kept them); bytes freed."""
+        freed = 0
+        for entry in self._entries.values():
+            if entry[2] in serials and entry[1]:
+                self.live[entry[0]] -= entry[1]
+                freed += entry[1]
+                entry[1] = 0
+        return freed
+
     def _add(self, storage: Any, tag: str) -> None:
         key, size = id(storage), allocated_bytes(storage.nbytes())
-        self._entries[key] = [tag, size]
+        self._serial += 1
+        self._entries[key] = [tag, size, self._serial]
         self._refs[storage] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
         self.live[tag] += size
         self._maybe_peak()
@@ -81,25 +114,73 @@ class LiveBytes(TorchDispatchMode):
         if entry is not None:
             self.live[entry[0]] -= entry[1]
 
-    def _maybe_peak(self) -> None:
-        total = self.total
+    @contextmanager
+    def peak_after(self) -> Iterator[None]:
+        """Judge the peak only at the end of the block (a compiled forward keeps less than the eager
+        one traced inside it; the caller forgets those tensors before the block ends)."""
+        self._hold_peak += 1
+        try:
+            yield
+        finally:
+            self._hold_peak -= 1
+            self._maybe_peak()
+
+    def _maybe_peak(self, workspace: int = 0) -> None:
+        """A new peak? `workspace`: bytes a running kernel holds on top of the live tensors."""
+        if self._hold_peak:
+            return
+        live = {k: v for k, v in self.live.items() if v}
+        if workspace:
+            live[WORKSPACE] = workspace
+        total = sum(live.values())
         if total > self.peak:
             self.peak = total
-            self.peak_breakdown = {k: v for k, v in self.live.items() if v}
+            self.peak_breakdown = live
             self.peak_phase = self.phase
         rest = total - self.live["gradients"]
         if rest > self.peak_without_grads:
             self.peak_without_grads = rest
-            self.breakdown_without_grads = {k: v for k, v in self.live.items() if v and k != "gradients"}
+            self.breakdown_without_grads = {k: v for k, v in live.items() if k != "gradients"}
+
+    @contextmanager
+    def fused(self) -> Iterator[None]:
+        """Ops inside run as one compiled kernel: their intermediates never reach the allocator."""
+        self._fused += 1
+        try:
+            yield
+        finally:
+            self._fused -= 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
+        if self._fused:
+            return out
         tag = self.phase
         # Autocast's cached low-precision copy of a weight: its own category.
         if func is torch.ops.aten._to_copy.default and self.tag_of(args[0]) == "parameters":
             tag = "autocast copies"
         tree_map_only(torch.Tensor, lambda t: self._track_output(t, tag), out)
+        if self.record_producers:
+            self._record_producer(func, args, kwargs, out)
+        workspace = workspace_bytes(func, args, out)
+        if workspace:
+            self._maybe_peak(allocated_bytes(workspace))
         return out
+
+    def _record_producer(self, func, args, kwargs, out) -> None:  # noqa: ANN001
+        from launcher.memory.compiled import recomputable  # noqa: PLC0415 - compiled imports this module
+
+        inputs = tuple(
+            s
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and (s := self.serial_of(t)) is not None
+        )
+        ok = recomputable(func)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                serial = self.serial_of(t)
+                if serial is not None and serial not in self.producers and serial not in inputs:
+                    self.producers[serial] = (ok, inputs)
 
     def _track_output(self, tensor: torch.Tensor, tag: str) -> None:
         storage = tensor.untyped_storage()

@@ -90,7 +90,7 @@ def check_pipeline(cfg: Config, recipe_class: type, world_size: int) -> None:
     nmb = p.num_microbatches
     if nmb < 1:
         raise ConfigError("parallel.num_microbatches", nmb, "must be >= 1")
-    if cfg.train.micro_batch_size % nmb:
+    if isinstance(cfg.train.micro_batch_size, int) and cfg.train.micro_batch_size % nmb:
         divisors = [
             d for d in range(1, cfg.train.micro_batch_size + 1) if cfg.train.micro_batch_size % d == 0
         ]

@@ -60,6 +60,23 @@ def test_preflight_refuse_exits_2_before_training_with_fixes(tmp_path):
     assert not (result.run_dir / "metrics.jsonl").exists()  # refused before training
 
 
+def test_training_with_auto_writes_the_pick_and_refuses_with_exit_2(tmp_path):
+    """Through the CLI on CPU, sized by the test hook: the pick is logged and in config.yaml; a device
+    too small for any choice exits 2 before training."""
+    tiny = [o for o in TINY_GPT if not o.startswith(("train.log_every", "logger."))]
+    args = [*tiny, "train.steps=2", "train.micro_batch_size=auto", "train.global_batch_size=16"]
+    ok = launch(args, tmp_path, env={"LAUNCHER_AUTO_DEVICE_GIB": "0.5"}, timeout=240)
+    assert ok.returncode == 0, ok.output[-3000:]
+    assert "train.micro_batch_size=auto -> micro_batch_size=16, grad_accum_steps=1" in ok.output
+    config = (ok.run_dir / "config.yaml").read_text()
+    assert "micro_batch_size: 16" in config and "grad_accum_steps: 1" in config
+    (tmp_path / "small").mkdir()
+    refused = launch(args, tmp_path / "small", env={"LAUNCHER_AUTO_DEVICE_GIB": "0.001"}, timeout=240)
+    assert refused.returncode == 2, refused.output[-3000:]
+    assert "train.micro_batch_size=auto: nothing fits" in refused.stderr
+    assert "Traceback" not in refused.output
+
+
 @pytest.fixture(scope="module")
 def oom_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("oom")

@@ -1,0 +1,191 @@
+"""What CUDA runs where a CPU trace would run something else, for the memory trace.
+
+The estimator traces on the CPU under fake tensors, so torch picks CPU kernels. For most ops the
+CPU and CUDA kernels return the same tensors, but not for these, which decide the peak:
+
+- **Attention** (`F.scaled_dot_product_attention`): with dropout or a mask the CPU takes the math
+  path, which materialises the (batch, heads, seq, seq) scores, probabilities and dropout mask in
+  fp32 (a 12 GiB over-estimate at seq 2048). CUDA runs a fused kernel that keeps only the output and
+  its log-sum-exp. `CudaKernels` routes the call to the kernel CUDA picks (`attention_backend`).
+- **cuDNN LSTM**: the CPU loops over time steps; cuDNN keeps a reserve buffer for backward and takes a
+  large workspace while it runs. Routed to `_CudnnLSTM`, which allocates what cuDNN allocates.
+- **Dropout**: the CPU multiplies by a saved noise tensor of the input's dtype; CUDA's fused kernel
+  saves a one-byte mask.
+- **Workspaces** that kernels take from the caching allocator while they run (cuDNN convolution and
+  attention backward): `workspace_bytes` gives them for the trace to count at that moment.
+
+Every number here was read on one H100 (torch 2.11, cuDNN 9.19) with `bench/probe_memory.py`, which
+records each CUDA op's outputs and the allocator's peak during it; the docstrings quote it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+aten = torch.ops.aten
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+LSTM_RESERVE_PER_ELEMENT = 5
+"""cuDNN LSTM's reserve space, in elements of the compute dtype per (batch, step, hidden unit, layer,
+direction): 4 gates and the cell state. Probe: 83,886,336 bytes at batch 32 x 256 steps x 1024 units in
+fp16 and 167,772,416 in fp32 (= 5 x 8,388,608 x itemsize + 256); halving any one size halves it."""
+LSTM_WORKSPACE_BYTES = {torch.float32: 30, torch.float16: 48, torch.bfloat16: 48}
+"""cuDNN LSTM's workspace while forward (and, smaller, backward) runs, bytes per (batch, step, hidden
+unit). Probe, fp32: 233 MiB at 32 x 256 x 1024, 121 MiB at half the size; fp16: 376 and 192 MiB."""
+
+
+def attention_backend(
+    dtype: torch.dtype, head_dim: int, has_mask: bool, dropout_p: float, enable_gqa: bool = False
+) -> str:
+    """The fused attention kernel torch 2.11 picks on a Hopper GPU, by what the probe saw.
+
+    fp16/bf16 with head_dim <= 128 (multiple of 8): cuDNN, with or without dropout, causal or a mask.
+    fp32 (or a shape cuDNN refuses): memory-efficient attention, which also takes masks and dropout.
+    Flash attention (fp16/bf16, no mask) would need the same memory as cuDNN's.
+    """
+    if dtype in LOW_PRECISION and head_dim <= 128 and head_dim % 8 == 0 and not enable_gqa:
+        return "cudnn"
+    if dtype in LOW_PRECISION and not has_mask and head_dim <= 256:
+        return "flash"
+    return "efficient"
+
+
+class CudaKernels(TorchFunctionMode):
+    """Inside a fake-tensor trace: attention and LSTMs run as the kernels CUDA would choose."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _attention(*args, **kwargs)
+        if func is F.dropout:
+            return _dropout(*args, **kwargs)
+        if func is torch._VF.lstm and len(args) == 9 and isinstance(args[1], (tuple, list)):
+            return _lstm(*args)
+        return func(*args, **kwargs)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype CUDA autocast runs attention and RNNs in (the trace's autocast is the CPU one)."""
+    if torch.is_autocast_enabled("cpu") and t.is_floating_point():
+        return torch.get_autocast_dtype("cpu")
+    return t.dtype
+
+
+def _attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    dtype = _compute_dtype(query)
+    with torch.autocast("cpu", enabled=False):
+        q, k, v = (t.to(dtype) for t in (query, key, value))
+        backend = attention_backend(dtype, q.shape[-1], attn_mask is not None, dropout_p, enable_gqa)
+        bias = None
+        if attn_mask is not None:
+            # A boolean mask becomes an additive bias of the mask's own (broadcast) shape.
+            bias = (
+                torch.where(attn_mask, 0.0, float("-inf")).to(dtype)
+                if attn_mask.dtype == torch.bool
+                else attn_mask.to(dtype)
+            )
+            bias = bias.expand(*q.shape[:-2], q.shape[-2], k.shape[-2])
+        if backend == "cudnn":
+            return aten._scaled_dot_product_cudnn_attention(
+                q, k, v, bias, True, dropout_p, is_causal and bias is None, False, scale=scale
+            )[0]
+        if backend == "flash":
+            return aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+        return aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, dropout_p, is_causal and bias is None, scale=scale
+        )[0]
+
+
+def _dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False):
+    """CUDA's fused dropout: the output and a bool mask (kept for backward)."""
+    if not training or p == 0.0 or not input.is_floating_point():
+        return input
+    return aten.native_dropout(input, p, True)[0]
+
+
+def workspace_bytes(func, args, out) -> int:  # noqa: ANN001
+    """Bytes a CUDA kernel takes from the caching allocator while it runs, beyond its outputs.
+
+    Probe (H100): a convolution's forward and backward take about its input plus its output (e.g. 128
+    MiB for 64 MiB in and out; cuDNN's chosen algorithm, not cudnn.benchmark); cuDNN attention's
+    backward three query-sized buffers plus an fp32 (batch, heads, seq); memory-efficient attention's
+    backward two (flash attention's fp32 dq accumulator is the same size).
+    """
+    if func is aten.convolution.default:
+        return _nbytes(args[0]) + _nbytes(out)
+    if func is aten.convolution_backward.default:
+        return _nbytes(args[0]) + _nbytes(args[1])
+    if func is aten._scaled_dot_product_cudnn_attention_backward.default:
+        q = args[1]
+        return 3 * _nbytes(q) + q[..., 0].numel() * 4
+    if func in (
+        aten._scaled_dot_product_efficient_attention_backward.default,
+        aten._scaled_dot_product_flash_attention_backward.default,
+    ):
+        q = args[1]
+        return 2 * q.numel() * max(q.element_size(), 2) + 2 * q[..., 0].numel() * 4
+    return 0
+
+
+def _nbytes(t: object) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+# --- cuDNN LSTM ----------------------------------------------------------------------------------
+
+
+def _lstm(input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first):  # noqa: ANN001
+    """`torch._VF.lstm` as cuDNN runs it (same outputs; what it keeps and takes while it runs)."""
+    geometry = (num_layers, 2 if bidirectional else 1, hx[0].shape[-1], batch_first)
+    out, h, c = _CudnnLSTM.apply(geometry, _compute_dtype(input), input, hx[0], hx[1], *weights)
+    return out, h, c
+
+
+class _CudnnLSTM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, geometry, dtype, input, h0, c0, *weights):  # noqa: ANN001
+        layers, directions, hidden, batch_first = geometry
+        batch, steps = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
+        x = input.to(dtype)
+        # Under autocast cuDNN runs on one flat low-precision copy of the weights (kept for backward).
+        flat = (
+            torch.empty(sum(w.numel() for w in weights), dtype=dtype) if dtype != weights[0].dtype else None
+        )
+        elements = batch * steps * hidden * layers * directions
+        per_layer = batch * steps * hidden * directions
+        workspace = torch.empty(per_layer * LSTM_WORKSPACE_BYTES[dtype], dtype=torch.uint8)
+        del workspace  # taken while the kernel runs, one layer at a time
+        reserve = torch.empty(LSTM_RESERVE_PER_ELEMENT * elements * x.element_size(), dtype=torch.uint8)
+        out_shape = (
+            (batch, steps, hidden * directions) if batch_first else (steps, batch, hidden * directions)
+        )
+        out = torch.empty(out_shape, dtype=dtype)
+        h = torch.empty((layers * directions, batch, hidden), dtype=dtype)
+        c = torch.empty((layers * directions, batch, hidden), dtype=dtype)
+        ctx.save_for_backward(x, h0, c0, out, reserve, *([flat] if flat is not None else []))
+        ctx.geometry, ctx.shapes = geometry, [(w.shape, w.dtype) for w in weights]
+        ctx.input_dtype = input.dtype
+        return out, h, c
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h, grad_c):  # noqa: ANN001
+        saved = ctx.saved_tensors  # reserve and output stay alive while backward runs
+        x, h0, c0 = saved[:3]
+        _, directions, hidden, _ = ctx.geometry
+        per_layer = x.shape[0] * x.shape[1] * hidden * directions
+        workspace = torch.empty(per_layer * LSTM_WORKSPACE_BYTES[x.dtype], dtype=torch.uint8)
+        del workspace  # smaller than forward's in every probe: an upper bound
+        grad_x = torch.empty_like(x).to(ctx.input_dtype)
+        grads = [torch.empty(shape, dtype=x.dtype).to(dtype) for shape, dtype in ctx.shapes]
+        del saved
+        return (None, None, grad_x, torch.empty_like(h0), torch.empty_like(c0), *grads)

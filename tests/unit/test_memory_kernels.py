@@ -1,0 +1,125 @@
+"""The estimator's trace follows the kernels CUDA runs, not the CPU's (launcher/memory/cuda_kernels.py),
+and what torch.compile keeps (launcher/memory/compiled.py). Each test computes the bytes it expects
+from the shapes, then checks the trace: no number copied from a GPU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from launcher.memory.compiled import keep_what_compile_saves
+from launcher.memory.cuda_kernels import (
+    LSTM_RESERVE_PER_ELEMENT,
+    LSTM_WORKSPACE_BYTES,
+    CudaKernels,
+    attention_backend,
+)
+from launcher.memory.step_trace import fake_mode, materialize
+from launcher.memory.trace import LiveBytes, allocated_bytes
+from recipes.gpt import Block, GPTModelConfig
+
+B, T, D, H = 2, 64, 32, 4  # batch, sequence, width, heads
+
+
+def trace_forward(module: nn.Module, x: torch.Tensor, compiled: bool = False, amp=None) -> LiveBytes:
+    """Forward of `module` under fake tensors; returns the tracker with what the forward left alive."""
+    tracker = LiveBytes()
+    tracker.record_producers = compiled
+    for p in module.parameters():
+        tracker.register(p, "parameters")
+    tracker.register(x, "inputs")
+    with tracker, CudaKernels(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        tracker.phase = "forward"
+        tracker.out = module(x)
+        if compiled:
+            keep_what_compile_saves(tracker)
+    return tracker
+
+
+def block(dropout: float) -> nn.Module:
+    cfg = GPTModelConfig(vocab_size=256, seq_len=T, d_model=D, n_layers=1, n_heads=H, dropout=dropout)
+    with torch.device("meta"):
+        b = Block(cfg)
+    return materialize(b)
+
+
+def test_attention_with_dropout_keeps_masks_not_the_score_matrix():
+    """CPU's math path would keep (B, H, T, T) probabilities and masks; the fused kernel keeps its
+    output and log-sum-exp, so dropout adds exactly its two residual dropouts' masks, one byte per
+    element as CUDA's fused dropout saves them (the CPU's would be fp32 noise)."""
+    with fake_mode():
+        x = torch.empty(B, T, D, requires_grad=True)
+        plain = trace_forward(block(0.0), x).live["forward"]
+        dropped = trace_forward(block(0.1), x).live["forward"]
+    assert dropped - plain == 2 * allocated_bytes(B * T * D)
+
+
+def test_attention_backend_follows_cuda_rules():
+    assert attention_backend(torch.bfloat16, 64, has_mask=True, dropout_p=0.1) == "cudnn"
+    assert attention_backend(torch.float16, 256, has_mask=False, dropout_p=0.0) == "flash"
+    assert attention_backend(torch.float32, 64, has_mask=False, dropout_p=0.0) == "efficient"
+
+
+def test_masked_attention_keeps_one_additive_bias_of_the_mask_shape():
+    """A boolean (B, 1, T, T) mask becomes one bias of that shape in the compute dtype, kept for
+    backward with the output and log-sum-exp; scores are never materialised (H times bigger)."""
+
+    class Masked(nn.Module):
+        def forward(self, q):
+            mask = torch.ones(B, 1, T, T, dtype=torch.bool)
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=mask, dropout_p=0.1)
+
+    with fake_mode():
+        q = torch.empty(B, H, T, D // H, requires_grad=True)
+        tracker = trace_forward(Masked(), q)
+    out, lse = B * H * T * (D // H) * 4, B * H * T * 4  # fp32: memory-efficient attention
+    bias, seeds = B * T * T * 4, 2 * 512  # the mask itself is freed once converted
+    assert tracker.live["forward"] == sum(allocated_bytes(n) for n in (out, lse, bias)) + seeds
+
+
+def test_convolution_workspace_counts_at_its_moment():
+    """cuDNN takes about input + output bytes while a convolution runs: the peak includes it."""
+    with fake_mode():
+        conv = materialize(_meta(lambda: nn.Conv2d(8, 16, 3, padding=1, bias=False)))
+        x = torch.empty(4, 8, 32, 32)
+        tracker = trace_forward(conv, x)
+    weight, inp, out = 16 * 8 * 9 * 4, 4 * 8 * 32 * 32 * 4, 4 * 16 * 32 * 32 * 4
+    live = sum(allocated_bytes(n) for n in (weight, inp, out))
+    assert tracker.peak == live + allocated_bytes(inp + out)
+
+
+def test_lstm_keeps_cudnn_reserve_and_takes_its_workspace():
+    """cuDNN LSTM: output, initial and final states and a reserve of 5 x batch x steps x hidden
+    elements stay for backward; the workspace is momentary."""
+    hidden, steps = 32, 16
+    with fake_mode():
+        lstm = materialize(_meta(lambda: nn.LSTM(hidden, hidden, batch_first=True)))
+        x = torch.empty(B, steps, hidden, requires_grad=True)
+        tracker = trace_forward(lstm, x)
+    elements = B * steps * hidden
+    kept = [LSTM_RESERVE_PER_ELEMENT * elements * 4, elements * 4] + [B * hidden * 4] * 4
+    assert tracker.live["forward"] == sum(allocated_bytes(n) for n in kept)
+    weights = sum(allocated_bytes(p.numel() * 4) for p in lstm.parameters())
+    before = weights + allocated_bytes(elements * 4) + 2 * allocated_bytes(B * hidden * 4)  # x, h0, c0
+    workspace = allocated_bytes(elements * LSTM_WORKSPACE_BYTES[torch.float32])
+    assert tracker.peak == before + workspace  # taken before anything the kernel returns
+
+
+def test_compiled_forward_keeps_matmul_outputs_and_drops_what_backward_can_redo():
+    """The partitioner model: a GELU's output is redone from its (kept) input; the matmul output that
+    feeds it stays; a cast of a parameter is redone from the parameter."""
+    mlp = nn.Sequential(nn.Linear(D, 4 * D, bias=False), nn.GELU(), nn.Linear(4 * D, D, bias=False))
+    with fake_mode():
+        model = materialize(_meta(lambda: mlp))
+        x = torch.empty(B, T, D, requires_grad=True)
+        eager = trace_forward(model, x)
+        compiled = trace_forward(model, x, compiled=True)
+    hidden = allocated_bytes(B * T * 4 * D * 4)
+    assert eager.live["forward"] - compiled.live["forward"] == hidden  # the GELU output
+    assert compiled.live["forward"] >= hidden  # the first matmul's output is still saved
+
+
+def _meta(make):
+    with torch.device("meta"):
+        return make()
