@@ -22,8 +22,10 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from launcher.config import Config, PipelineConfig
@@ -130,6 +132,9 @@ def resolve_batch(
         _derive_accumulation(cfg, _data_parallel_size(cfg, world_size))
     if not needs_resolving(cfg):
         return None
+    kept = _keep_previous_pick(cfg)
+    if kept:
+        return kept
     if device is None:
         raise ConfigError(
             "train.micro_batch_size" if is_auto(train.micro_batch_size) else "train.activation_checkpointing",
@@ -179,6 +184,54 @@ def resolve_batch(
         f"the fastest expected of the choices that fit {available / GIB:.1f} GiB ({name}) with "
         f"{HEADROOM:.0%} headroom; estimated [{fitting_lines}] in {time.perf_counter() - started:.0f} s"
     )
+
+
+def _keep_previous_pick(cfg: Config) -> str | None:
+    """A run that resumes keeps what auto picked when it started (its run directory's config.yaml),
+    whatever GPU it resumes on: the same global batch, the same micro-steps."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume not in ("auto", ""):
+        config = Path(cfg.resume).parent.parent / "config.yaml"  # resume=<run dir>/checkpoints/step_N
+    elif cfg.run.dir:
+        config = Path(cfg.run.dir) / "config.yaml"
+    else:
+        return None
+    try:
+        saved = (yaml.safe_load(config.read_text()) or {}).get("train", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    mb, accum, ac = (
+        saved.get(k) for k in ("micro_batch_size", "grad_accum_steps", "activation_checkpointing")
+    )
+    if not (isinstance(mb, int) and isinstance(accum, int) and isinstance(ac, bool)):
+        return None
+    train = cfg.train
+    if is_auto(train.micro_batch_size):
+        train.micro_batch_size, train.grad_accum_steps = mb, accum
+    if is_auto(train.activation_checkpointing):
+        train.activation_checkpointing = ac
+    return (
+        f"auto -> micro_batch_size={train.micro_batch_size}, grad_accum_steps={train.grad_accum_steps}, "
+        f"activation_checkpointing={str(train.activation_checkpointing).lower()}: kept from {config} "
+        "(a resumed run keeps what auto picked)"
+    )
+
+
+def check_same_on_every_rank(cfg: Config, session) -> None:  # noqa: ANN001
+    """Every rank must train with the same micro-batch and accumulation: auto decides per rank, from
+    its own GPU, so GPUs of different sizes could disagree. Raises ConfigError if they do."""
+    train = cfg.train
+    mine = (train.micro_batch_size, train.grad_accum_steps, bool(train.activation_checkpointing))
+    picks = session.all_gather_object(mine)
+    if any(p != mine for p in picks):
+        raise ConfigError(
+            "train.micro_batch_size",
+            AUTO,
+            f"ranks picked different (micro-batch, accumulation, checkpointing): {sorted(set(picks))}; "
+            "their GPUs differ in memory",
+            "give train.micro_batch_size (and train.activation_checkpointing) explicitly",
+        )
 
 
 def _derive_accumulation(cfg: Config, dp: int) -> None:

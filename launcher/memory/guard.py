@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from launcher.memory.allocator import apply_limit
+from launcher.memory.autobatch import check_same_on_every_rank
 from launcher.memory.oom import report_oom
 from launcher.memory.preflight import preflight
 from launcher.memory.snapshot import MemoryRecorder
@@ -26,6 +27,7 @@ class OutOfMemoryReported(RuntimeError):
 def memory_guard(job, session, run_dir: Path, where: dict) -> Iterator[MemoryRecorder]:
     """Before the model is built: apply memory.limit_gib and run the pre-flight (ConfigError under
     refuse); start recording history if asked. Around training: turn a CUDA OOM into the report."""
+    check_same_on_every_rank(job.cfg, session)  # micro_batch_size=auto decides per rank
     limit = apply_limit(job.cfg.memory, session.device)
     preflight(job.cfg, job.recipe_class, session, limit)
     recorder = MemoryRecorder(job.cfg.memory, run_dir, session.rank, session.device)

@@ -101,3 +101,19 @@ def test_oom_leaves_checkpoints_alone(oom_run):
     meta = json.loads((ckpts / "step_2" / "meta.json").read_text())
     for name, digest in meta["files"].items():
         assert hashlib.sha256((ckpts / "step_2" / name).read_bytes()).hexdigest() == digest
+
+
+def test_auto_pick_is_the_same_on_both_ranks_and_a_resume_keeps_it(tmp_path):
+    """Two gloo ranks size for the same (pretended) GPU and agree; the run stops at step 2 and resumes
+    on a GPU where auto alone would find nothing that fits (0.5 GiB of NCCL buffers are counted with
+    peers): config.yaml's pick is kept."""
+    args = [*TINY_GPT, "train.steps=4", "train.micro_batch_size=auto", "train.global_batch_size=32"]
+    first = launch([*args, "train.stop_at_step=2"], tmp_path, nproc=2, env={"LAUNCHER_AUTO_DEVICE_GIB": "1"})
+    assert first.returncode == 0, first.output[-3000:]
+    assert "micro_batch_size=16, grad_accum_steps=1" in first.output
+    second = launch(args, tmp_path, nproc=2, env={"LAUNCHER_AUTO_DEVICE_GIB": "0.52"})
+    assert second.returncode == 0, second.output[-3000:]
+    assert "kept from" in second.output and "micro_batch_size=16, grad_accum_steps=1" in second.output
+    assert "resumed from step 2" in second.output
+    assert [m["step"] for m in second.train_lines()] == [1, 2, 3, 4]
+    assert all(m["global_batch_size"] == 32 for m in second.train_lines())
