@@ -49,6 +49,8 @@ class RankEstimate:
     device_needed: int
     notes: dict[str, Any] = field(default_factory=dict)
     """Facts that are not parts of the peak: activations with/without checkpointing, stage share..."""
+    reserved_extra: dict[bool, int] = field(default_factory=dict)
+    """Reserved less allocated by memory.expandable_segments, from the caching allocator model."""
 
 
 @dataclass
@@ -95,7 +97,10 @@ def estimate(
         ranks, layout = [_data_parallel(cfg, recipe, sample, world_size)], f"ddp dp={world_size}"
     for rank in ranks:
         rank.peak_allocated = sum(rank.parts.values())
-        rank.peak_reserved = int(rank.peak_allocated * (1 + closed.RESERVED_OVERHEAD[expandable]))
+        extra = rank.reserved_extra.get(expandable)
+        if extra is None:  # no trace of this rank's step
+            extra = int(rank.peak_allocated * closed.RESERVED_OVERHEAD[expandable])
+        rank.peak_reserved = rank.peak_allocated + extra
         rank.device_needed = (
             rank.peak_reserved + closed.CUDA_CONTEXT_BYTES + (closed.NCCL_BYTES if world_size > 1 else 0)
         )
@@ -176,7 +181,7 @@ def _data_parallel(cfg: Config, recipe: Any, sample: Any, world_size: int) -> Ra
         parts.update(_comm_hook_parts(cfg, trace.grad_shapes, cfg.parallel.bucket_cap_mb))
     _common_parts(cfg, parts)
     notes.update(peak_phase=trace.peak_phase, **_state_notes(trace))
-    return RankEstimate("every rank", parts, 0, 0, 0, notes)
+    return RankEstimate("every rank", parts, 0, 0, 0, notes, trace.reserved_extra)
 
 
 def _pipeline(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[list[RankEstimate], str]:
@@ -244,7 +249,7 @@ def _pipeline(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[l
             "peak_phase": trace.peak_phase,
             **_state_notes(trace),
         }
-        ranks.append(RankEstimate(f"pp rank {pp_rank}", parts, 0, 0, 0, notes))
+        ranks.append(RankEstimate(f"pp rank {pp_rank}", parts, 0, 0, 0, notes, trace.reserved_extra))
     return ranks, f"pipeline {schedule} pp={dims.pp} dp={dims.dp} stages/rank={per_rank}"
 
 

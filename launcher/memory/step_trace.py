@@ -18,8 +18,10 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from launcher.config import OptimConfig
+from launcher.memory.caching_allocator import replay, training_order
 from launcher.memory.compiled import fused_loss, keep_what_compile_saves
 from launcher.memory.cuda_kernels import CudaKernels
+from launcher.memory.parts import CUBLAS_WORKSPACE_BYTES
 from launcher.memory.trace import WORKSPACE, LiveBytes, allocated_bytes
 from launcher.optim import build_optimizer
 
@@ -61,6 +63,9 @@ class StepTrace:
     """Everything one micro-batch's forward leaves alive: activations, logits, loss, autocast copies."""
     peak_phase: str
     grad_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    reserved_extra: dict[bool, int] = field(default_factory=dict)
+    """max_memory_reserved - max_memory_allocated over two steps of training, by expandable_segments:
+    the caching allocator model replaying this trace's allocations (launcher/memory/caching_allocator.py)."""
 
 
 def fake_mode() -> FakeTensorMode:
@@ -129,6 +134,7 @@ def trace_step(
         p.register_post_accumulate_grad_hook(lambda p: tracker.register(p.grad, "gradients")) for p in params
     ]
     activations = forward_saved = 0
+    step_start = len(tracker.events)
     try:
         with tracker, CudaKernels():
             for i in range(micro_steps):
@@ -173,7 +179,36 @@ def trace_step(
         forward_saved=forward_saved,
         peak_phase=tracker.peak_phase,
         grad_shapes=[tuple(p.shape) for p in params],
+        reserved_extra={e: _reserved_extra(tracker, step_start, e) for e in (True, False)},
     )
+
+
+def _with_early_frees(tracker: LiveBytes, step_start: int) -> tuple[list, list[str]]:
+    """The step's events, with what a compiled forward frees early (tracker.early_frees) freed there."""
+    frees: dict[int, list[int]] = {}
+    for serial, at in tracker.early_frees.items():
+        frees.setdefault(at, []).append(serial)
+    step, phases = [], []
+    for i in range(step_start, len(tracker.events)):
+        step.append(tracker.events[i])
+        phases.append(tracker.event_phases[i])
+        for serial in frees.get(i + 1, ()):  # last read by the op that produced event i's outputs
+            step.append((serial, 0))
+            phases.append(tracker.event_phases[i])
+    return step, phases
+
+
+def _reserved_extra(tracker: LiveBytes, step_start: int, expandable: bool) -> int:
+    """Reserved less allocated when the traced step runs twice after the model (and cuBLAS's
+    workspace) is created, the optimizer state appearing in the first step's optimizer phase (as
+    torch creates it lazily)."""
+    setup = [e for e, p in zip(tracker.events[:step_start], tracker.event_phases) if p != "optimizer state"]
+    state = [e for e, p in zip(tracker.events[:step_start], tracker.event_phases) if p == "optimizer state"]
+    step, phases = _with_early_frees(tracker, step_start)
+    optimizer_at = next((i for i, p in enumerate(phases) if p == "optimizer step"), len(step))
+    cublas = [("cuBLAS workspace", CUBLAS_WORKSPACE_BYTES)]
+    allocated, reserved = replay(training_order(setup, state, cublas + step, optimizer_at + 1), expandable)
+    return max(0, reserved - allocated)
 
 
 def trace_forward_activations(

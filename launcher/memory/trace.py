@@ -50,6 +50,14 @@ class LiveBytes(TorchDispatchMode):
         self.record_producers = False
         self.producers: dict[int, tuple[bool, tuple[int, ...]]] = {}
         self._serial = 0
+        # Every allocation and free in order, (serial, bytes) / (serial, 0), with the phase it happened
+        # in: the caching allocator model replays them (launcher/memory/caching_allocator.py).
+        self.events: list[tuple[object, int]] = []
+        self.event_phases: list[str] = []
+        # With `record_producers`: where in `events` each storage was last read, and the storages a
+        # compiled graph frees right after that (`forget`) rather than keeping for backward.
+        self.last_use: dict[int, int] = {}
+        self.early_frees: dict[int, int] = {}
         self._refs: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.live: Counter[str] = Counter()
         self.phase = "setup"
@@ -99,6 +107,10 @@ class LiveBytes(TorchDispatchMode):
                 self.live[entry[0]] -= entry[1]
                 freed += entry[1]
                 entry[1] = 0
+                if entry[2] in self.last_use:  # the allocator gets it back right after its last reader
+                    self.early_frees[entry[2]] = self.last_use[entry[2]]
+                else:
+                    self._event(entry[2], 0)
         return freed
 
     def _add(self, storage: Any, tag: str) -> None:
@@ -107,12 +119,19 @@ class LiveBytes(TorchDispatchMode):
         self._entries[key] = [tag, size, self._serial]
         self._refs[storage] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
         self.live[tag] += size
+        self._event(self._serial, size, tag if self.phase == "setup" else self.phase)
         self._maybe_peak()
 
     def _free(self, key: int) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.live[entry[0]] -= entry[1]
+            if entry[1]:
+                self._event(entry[2], 0)
+
+    def _event(self, key: object, nbytes: int, phase: str = "") -> None:
+        self.events.append((key, nbytes))
+        self.event_phases.append(phase or self.phase)
 
     @contextmanager
     def peak_after(self) -> Iterator[None]:
@@ -165,6 +184,8 @@ class LiveBytes(TorchDispatchMode):
         workspace = workspace_bytes(func, args, out)
         if workspace:
             self._maybe_peak(allocated_bytes(workspace))
+            self._event(("workspace", len(self.events)), allocated_bytes(workspace))
+            self._event(self.events[-1][0], 0)
         return out
 
     def _record_producer(self, func, args, kwargs, out) -> None:  # noqa: ANN001
@@ -176,6 +197,8 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and (s := self.serial_of(t)) is not None
         )
         ok = recomputable(func)
+        for serial in inputs:
+            self.last_use[serial] = len(self.events)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 serial = self.serial_of(t)
