@@ -6,7 +6,8 @@
 
 Exit codes: 0 done; 2 invalid configuration; 3 non-finite loss (train.nonfinite=stop); 4 out of GPU
 memory (explained, memory_summary.txt in the run dir); 128+N stopped by signal N after checkpointing
-(143 SIGTERM, 130 SIGINT, 138 SIGUSR1); 1 any other failure.
+(143 SIGTERM, 130 SIGINT, 138 SIGUSR1); 1 any other failure. Under torchrun, `python -m launcher.run`
+passes them on.
 """
 
 from __future__ import annotations
@@ -164,14 +165,16 @@ def report_failure(err: Exception, env: DistEnv, where: dict) -> int:
         )
         exits.exit_now(exits.FAILURE)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        # torchrun prints this traceback in its failure summary; printing it here too would show it twice.
+        # torchrun prints this traceback in its failure summary (launcher.run too); printing it here as
+        # well would show it twice.
         ErrorHandler().record_exception(err)
         log.error(
-            "rank %d failed during %s: %s: %s (traceback in torchrun's summary below)",
+            "rank %d failed during %s: %s: %s (traceback in %s's summary below)",
             env.rank,
             context,
             type(err).__name__,
             first_line,
+            "launcher.run" if os.environ.get(exits.RUN_ENV) else "torchrun",
         )
         exits.exit_now(exits.FAILURE)
     if env.world_size > 1:  # srun without torchrun: no summary to defer to

@@ -21,6 +21,17 @@ from typing import NoReturn
 
 # The launcher's exit codes (README "Exit codes", docs/reliability.md). 128 + N: stopped by signal N.
 OK, FAILURE, CONFIG, NONFINITE, OOM = 0, 1, 2, 3, 4
+MEANING = {
+    OK: "done",
+    FAILURE: "failed",
+    CONFIG: "invalid configuration",
+    NONFINITE: "non-finite loss",
+    OOM: "out of GPU memory",
+    5: "does not fit (launcher.estimate)",
+}
+
+# Set by `python -m launcher.run` for its workers: messages then name it instead of torchrun.
+RUN_ENV = "LAUNCHER_RUN"
 
 _deadline_armed = False
 
@@ -59,3 +70,17 @@ def exit_now(code: int) -> NoReturn:
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
             pass
     os._exit(code)
+
+
+def describe(code: int) -> str:
+    """What an exit code means, in words."""
+    import signal
+
+    if code < 0 or code > 128:
+        signum = -code if code < 0 else code - 128
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"killed by {name}" if code < 0 else f"stopped by {name}"
+    return MEANING.get(code, "failed")

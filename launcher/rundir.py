@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from launcher.config import RunConfig
 from launcher.dist import DistSession
 from launcher.errors import ConfigError
+from launcher.exits import RUN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +209,10 @@ def continue_command(run_dir: Path) -> str:
     local = os.environ.get("LOCAL_WORLD_SIZE")
     if os.environ.get("TORCHELASTIC_RUN_ID") and local:
         nnodes = int(os.environ.get("WORLD_SIZE", local)) // int(local)
-        head = ["torchrun", "--standalone"] if nnodes == 1 else ["torchrun", f"--nnodes={nnodes}", "..."]
-        head += [f"--nproc_per_node={local}", "-m", "launcher"]
+        via_run = bool(os.environ.get(RUN_ENV))  # started by python -m launcher.run
+        tool = ["python", "-m", "launcher.run"] if via_run else ["torchrun"]
+        head = [*tool, "--standalone"] if nnodes == 1 else [*tool, f"--nnodes={nnodes}", "..."]
+        head += [f"--nproc_per_node={local}"] + ([] if via_run else ["-m", "launcher"])
     else:
         head = ["python", "-m", "launcher"]
     return shlex.join(head + args)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+from launcher.exits import describe
+
 # A catastrophic regex: minutes of matching inside one C call that never releases the GIL, as gloo's
 # teardown did. A Python timer thread could not run meanwhile.
 HOLDS_THE_GIL = "import re; re.match(r'(a+)+$', 'a' * 64 + 'b')"
@@ -30,3 +32,9 @@ def test_a_cancelled_deadline_lets_the_process_go_on():
         "time.sleep(1.5); print('went on')"
     )
     assert result.returncode == 0 and "went on" in result.stdout
+
+
+def test_exit_codes_in_words():
+    assert describe(2) == "invalid configuration"
+    assert describe(143) == "stopped by SIGTERM"
+    assert describe(-9) == "killed by SIGKILL"
