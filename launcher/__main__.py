@@ -5,9 +5,9 @@
     python -m launcher -m optim.lr=1e-4,3e-4                           # a sweep, one job at a time
 
 Exit codes: 0 done; 2 invalid configuration; 3 non-finite loss (train.nonfinite=stop); 4 out of GPU
-memory (explained, memory_summary.txt in the run dir); 128+N stopped by signal N after checkpointing
-(143 SIGTERM, 130 SIGINT, 138 SIGUSR1); 1 any other failure. Under torchrun, `python -m launcher.run`
-passes them on.
+memory (explained, memory_summary.txt in the run dir); 6 disk full (or another write failure) in the
+run directory, nothing saved lost; 128+N stopped by signal N after checkpointing (143 SIGTERM, 130
+SIGINT, 138 SIGUSR1); 1 any other failure. Under torchrun, `python -m launcher.run` passes them on.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, recor
 from launcher import cli, exits  # noqa: E402
 from launcher.checkpoint import CheckpointError  # noqa: E402
 from launcher.config import DistConfig  # noqa: E402
+from launcher.diskspace import DiskFull, disk_full_message, is_disk_full  # noqa: E402
 from launcher.dist import DistEnv, DistSession, dist_session  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.loggers import configure_logging  # noqa: E402
@@ -129,6 +130,10 @@ def train_and_report(job: cli.Job, session: DistSession, stop: StopFlag) -> int:
                 exits.start_deadline(job.cfg.dist.shutdown_grace_s)
     except ConfigError as err:
         return report_config_error(err, env)
+    except DiskFull as err:
+        if env.is_main:
+            log.error("%s", err)
+        return exits.DISK
     except CheckpointError as err:
         log.error("%s", err)
         return exits.FAILURE
@@ -140,6 +145,11 @@ def train_and_report(job: cli.Job, session: DistSession, stop: StopFlag) -> int:
         return exits.NONFINITE
     except OutOfMemoryReported as err:  # explained and written to the run dir already
         return err.code
+    except OSError as err:
+        if is_disk_full(err):
+            log.error("rank %d: %s", env.rank, disk_full_message(err))
+            return exits.DISK
+        return report_failure(err, env, WHERE)
     except Exception as err:  # noqa: BLE001 - sorted into "a peer failed" and "this rank failed"
         return report_failure(err, env, WHERE)
     return exits.OK

@@ -20,7 +20,7 @@ import sys
 from typing import NoReturn
 
 # The launcher's exit codes (README "Exit codes", docs/reliability.md). 128 + N: stopped by signal N.
-OK, FAILURE, CONFIG, NONFINITE, OOM = 0, 1, 2, 3, 4
+OK, FAILURE, CONFIG, NONFINITE, OOM, DISK = 0, 1, 2, 3, 4, 6
 MEANING = {
     OK: "done",
     FAILURE: "failed",
@@ -28,6 +28,7 @@ MEANING = {
     NONFINITE: "non-finite loss",
     OOM: "out of GPU memory",
     5: "does not fit (launcher.estimate)",
+    DISK: "could not write to the run directory (disk full?)",
 }
 
 # Set by `python -m launcher.run` for its workers: messages then name it instead of torchrun.

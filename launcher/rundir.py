@@ -196,10 +196,15 @@ def write_config(cfg: Any, run_dir: Path, step: int) -> Path:
     """config.yaml (resolved), written when training starts, so it describes an attempt that trained.
     An earlier, different one is kept as config.step_<step>.yaml: the step from which it changed."""
     text = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
-    path = run_dir / CONFIG
+    path, tmp = run_dir / CONFIG, run_dir / f".{CONFIG}.tmp"
+    try:
+        tmp.write_text(text)  # whole or not at all: a full disk never leaves half a config.yaml
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     if path.exists() and path.read_text() != text:
         path.rename(run_dir / f"config.step_{step}.yaml")
-    path.write_text(text)
+    os.replace(tmp, path)
     return path
 
 

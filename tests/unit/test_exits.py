@@ -36,5 +36,6 @@ def test_a_cancelled_deadline_lets_the_process_go_on():
 
 def test_exit_codes_in_words():
     assert describe(2) == "invalid configuration"
+    assert describe(6) == "could not write to the run directory (disk full?)"
     assert describe(143) == "stopped by SIGTERM"
     assert describe(-9) == "killed by SIGKILL"
