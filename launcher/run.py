@@ -48,9 +48,11 @@ def split_argv(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
 def root_cause(failures: Mapping[int, object]) -> tuple[int, object]:
     """The failure that caused the others: torchrun ends every worker once one fails, so the list mixes
     the cause with its echoes. In order: a code the launcher chose (2 config, 3, 4, 6...), a rank's own
-    exception (it left an error file), a rank killed by a signal other than torchrun's closing SIGTERM,
-    a signal stop (128+N), and last "a collective failed" (1): a peer's echo. Then the earliest, then
-    the lowest rank."""
+    exception (it left an error file), a rank killed by a signal other than torchrun's closing SIGTERM
+    (kill -9), a plain 1 ("a collective failed": a peer died or hung), and last a signal stop (128+N) or
+    SIGTERM death, which is what torchrun's SIGTERM to the survivors makes of them (a hung rank ends
+    143 by its watchdog). Then the earliest, then the lowest rank. A stop that every rank made alike
+    has one code anyway."""
 
     def rank_of(item: tuple[int, object]) -> tuple[int, int, int]:
         rank, failure = item
@@ -61,7 +63,7 @@ def root_cause(failures: Mapping[int, object]) -> tuple[int, object]:
             order = 1
         elif code < 0 and -code != 15:
             order = 2
-        elif code >= 128 or code < 0:
+        elif code == 1:
             order = 3
         else:
             order = 4

@@ -99,6 +99,7 @@ RECORDED = {
         ({0: Failure(1), 1: Failure(-9)}, 1),  # kill -9 of rank 1, rank 0 lost its peer
         ({0: Failure(-15), 1: Failure(-9)}, 1),  # torchrun's closing SIGTERM is an echo
         ({0: Failure(143), 1: Failure(143)}, 0),  # a signal stop: any rank, the same code
+        ({0: Failure(1), 1: Failure(143)}, 0),  # rank 1 hung: rank 0 timed out, rank 1's watchdog
         ({0: Failure(1, timestamp=101), 1: Failure(1, timestamp=100)}, 1),  # then the earliest
         ({0: Failure(6), 1: Failure(1)}, 0),  # disk full on rank 0
     ],
