@@ -14,14 +14,18 @@ from launcher.run import root_cause, split_argv
 from tests.conftest import REPO, TINY_GPT
 
 FAULTY = [*TINY_GPT, "recipe=tests.faults.faulty:FaultyGPT", "train.micro_batch_size=4"]
+BLOCKED_TEARDOWN = REPO / "tests" / "faults" / "hang_in_teardown"
 
 
 def launcher_run(args: list[str], tmp_path: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python -m launcher.run --standalone --nproc_per_node=2 <args>`, its workers' process-group
+    teardown blocking forever: no exit may wait for it (launcher/exits.py)."""
+    path = (str(BLOCKED_TEARDOWN), str(REPO), os.environ.get("PYTHONPATH", ""))
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
     }
     cmd = [sys.executable, "-m", "launcher.run", "--standalone", "--nproc_per_node=2", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)

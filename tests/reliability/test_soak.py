@@ -24,13 +24,13 @@ import pytest
 
 from tests.conftest import REPO, TINY_GPT
 from tests.reliability.test_faults import leftover_processes, logged_steps, worker_pid
+from tests.reliability.test_launcher_run import BLOCKED_TEARDOWN
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 RUNS = int(os.environ.get("LAUNCHER_SOAK_RUNS", "2"))
 GRACE_S = 10
 HANG_S = 240
-BLOCKED_TEARDOWN = REPO / "tests" / "faults" / "hang_in_teardown"
 FAULTY = [
     *TINY_GPT,
     "recipe=tests.faults.faulty:FaultyGPT",
