@@ -164,14 +164,16 @@ def report_failure(err: Exception, env: DistEnv, where: dict) -> int:
     multi-process job exits here (launcher/exits.py); one process re-raises, for Python's traceback."""
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     context = f"{where['phase']} {where['step']}" if where["step"] else where["phase"]
+    launcher = "launcher.run" if os.environ.get(exits.RUN_ENV) else "torchrun"
     if env.world_size > 1 and any(sign in str(err) for sign in PEER_FAILURE_SIGNS):
         log.error(
             "rank %d: a collective failed during %s (%s: %s). Another rank died or is stuck; its own "
-            "error, if any, is reported by torchrun",
+            "error, if any, is reported by %s",
             env.rank,
             context,
             type(err).__name__,
             first_line,
+            launcher,
         )
         exits.exit_now(exits.FAILURE)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
@@ -184,7 +186,7 @@ def report_failure(err: Exception, env: DistEnv, where: dict) -> int:
             context,
             type(err).__name__,
             first_line,
-            "launcher.run" if os.environ.get(exits.RUN_ENV) else "torchrun",
+            launcher,
         )
         exits.exit_now(exits.FAILURE)
     if env.world_size > 1:  # srun without torchrun: no summary to defer to

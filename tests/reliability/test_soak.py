@@ -165,6 +165,11 @@ def test_every_exit_path_ends_in_its_bound_two_jobs_at_a_time(tmp_path):
         assert outcome.exit_s is not None and outcome.exit_s < spec.bound_s, (outcome.exit_s, detail)
         assert outcome.leftovers == [], detail
         assert "Traceback" not in outcome.output or outcome.path == "recipe exception at a step", detail
+    raised = [o for o in outcomes if o.path == "recipe exception at a step"]
+    assert all(
+        "Another rank died or is stuck; its own error, if any, is reported by launcher.run" in o.output
+        for o in raised
+    )
     stopped = [o for o in outcomes if o.path == "SIGTERM stop"]
     assert all("  python -m launcher.run --standalone --nproc_per_node=2 " in o.output for o in stopped)
     restarted = [o for o in outcomes if o.path == "kill -9, restarts"]
