@@ -22,7 +22,8 @@ FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFull(RuntimeError):
-    """A write in the run directory failed for lack of space; nothing saved before was lost. Exit 6."""
+    """A write in the run directory failed, for lack of space (or, for a checkpoint, any write error);
+    nothing saved before was lost. Exit 6."""
 
 
 def is_disk_full(err: BaseException | None) -> bool:
