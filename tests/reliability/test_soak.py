@@ -141,6 +141,7 @@ def soak_once(name: str, run_dir: Path) -> Outcome:
     )
 
 
+@pytest.mark.timeout(max(600, 40 * RUNS * len(PATHS)))  # the long version outlives the 600 s default
 def test_every_exit_path_ends_in_its_bound_two_jobs_at_a_time(tmp_path):
     plan = [name for _ in range(RUNS) for name in PATHS]
     with ThreadPoolExecutor(max_workers=2) as pool:
