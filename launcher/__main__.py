@@ -5,8 +5,9 @@
     python -m launcher -m optim.lr=1e-4,3e-4                           # a sweep, one job at a time
 
 Exit codes: 0 done; 2 invalid configuration; 3 non-finite loss (train.nonfinite=stop); 4 out of GPU
-memory (explained, memory_summary.txt in the run dir); 128+N stopped
-by signal N after checkpointing (143 SIGTERM, 130 SIGINT, 138 SIGUSR1); 1 any other failure.
+memory (explained, memory_summary.txt in the run dir); 6 disk full (or another write failure) in the
+run directory, nothing saved lost; 128+N stopped by signal N after checkpointing (143 SIGTERM, 130
+SIGINT, 138 SIGUSR1); 1 any other failure. Under torchrun, `python -m launcher.run` passes them on.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ from pathlib import Path  # noqa: E402
 
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record  # noqa: E402
 
-from launcher import cli  # noqa: E402
+from launcher import cli, exits  # noqa: E402
 from launcher.checkpoint import CheckpointError  # noqa: E402
 from launcher.config import DistConfig  # noqa: E402
-from launcher.dist import DistEnv, dist_session  # noqa: E402
+from launcher.diskspace import DiskFull, disk_full_message, is_disk_full  # noqa: E402
+from launcher.dist import DistEnv, DistSession, dist_session  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.loggers import configure_logging  # noqa: E402
 from launcher.rundir import continue_command, resolve_run_dir  # noqa: E402
 from launcher.validate import check_train_data  # noqa: E402
 
 log = logging.getLogger("launcher")
-EXIT_FAILURE, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
 # Text of errors a rank sees when a *peer* died or hung: its own traceback would only add noise.
 PEER_FAILURE_SIGNS = (
     "Connection closed by peer",
@@ -81,17 +82,39 @@ def _main(env: DistEnv, stop: StopFlag) -> int:
     return run(jobs[0], env, stop)
 
 
-def run(job: cli.Job, env: DistEnv, stop: StopFlag) -> int:
+def run(job: cli.Job, env: DistEnv, stop: StopFlag, sweep: bool = False) -> int:
+    """One training job. A rank of a multi-process job ends its process here, inside the session (see
+    launcher/exits.py), unless a sweep's next job follows."""
     from launcher.memory.allocator import configure_allocator
-    from launcher.memory.guard import OutOfMemoryReported
-    from launcher.train import WHERE, NonFiniteLoss, train
+    from launcher.train import WHERE
 
     stop.grace_s = job.cfg.dist.shutdown_grace_s
-    run_dir = None
     configure_allocator(job.cfg.memory)  # before CUDA initialises
     try:
         check_train_data(job.cfg, job.recipe, job.recipe_class, env.world_size)  # before any process group
         with dist_session(env, job.cfg.dist) as session:
+            code = train_and_report(job, session, stop)
+            if env.world_size > 1 and not sweep:
+                exits.exit_now(code)  # never tears the group down: that could block with the GIL held
+    except ConfigError as err:  # before the process group, or while it formed
+        return report_config_error(err, env)
+    except Exception as err:  # noqa: BLE001 - the group could not form: a peer failed, or a timeout
+        return report_failure(err, env, WHERE)
+    exits.cancel_deadline()  # a sweep goes on to its next job
+    return code
+
+
+def train_and_report(job: cli.Job, session: DistSession, stop: StopFlag) -> int:
+    """Train; report how it ended, while the process group is still up; return the exit code.
+
+    Every way out, success included, starts the exit deadline of a multi-process rank first.
+    """
+    from launcher.memory.guard import OutOfMemoryReported
+    from launcher.train import WHERE, NonFiniteLoss, train
+
+    env, run_dir = session.env, None
+    try:
+        try:
             run_dir, picked, lock = resolve_run_dir(job.cfg, job.recipe_name, job.output_dir, session)
             job.cfg.run.dir = str(run_dir)
             if picked:
@@ -99,34 +122,37 @@ def run(job: cli.Job, env: DistEnv, stop: StopFlag) -> int:
             log.info("run directory: %s", run_dir)
             try:
                 train(job, session, run_dir, stop)
-            except StopRequested as err:
-                if env.world_size > 1:
-                    # Saved, and every rank stopped at the same step: end the process here. Tearing the
-                    # process group down could leave a rank blocked in gloo's teardown holding the GIL,
-                    # out of the shutdown watchdog's reach (seen: ~1 stop in 10 on 2 busy cores, ended
-                    # only by torchrun's SIGKILL 30 s later). The run lock is an flock: exit frees it.
-                    report_stop(err, run_dir)
-                    exit_now(128 + err.signum)
-                raise
             finally:
                 if lock is not None:
                     lock.release()
+        finally:
+            if env.world_size > 1:
+                exits.start_deadline(job.cfg.dist.shutdown_grace_s)
     except ConfigError as err:
         return report_config_error(err, env)
+    except DiskFull as err:
+        if env.is_main:
+            log.error("%s", err)
+        return exits.DISK
     except CheckpointError as err:
         log.error("%s", err)
-        return EXIT_FAILURE
+        return exits.FAILURE
     except StopRequested as err:
         report_stop(err, run_dir)
         return 128 + err.signum
     except NonFiniteLoss as err:
         log.error("%s", err)
-        return EXIT_NONFINITE
+        return exits.NONFINITE
     except OutOfMemoryReported as err:  # explained and written to the run dir already
         return err.code
+    except OSError as err:
+        if is_disk_full(err):
+            log.error("rank %d: %s", env.rank, disk_full_message(err))
+            return exits.DISK
+        return report_failure(err, env, WHERE)
     except Exception as err:  # noqa: BLE001 - sorted into "a peer failed" and "this rank failed"
         return report_failure(err, env, WHERE)
-    return 0
+    return exits.OK
 
 
 def report_stop(err: StopRequested, run_dir: Path | None) -> None:
@@ -134,41 +160,39 @@ def report_stop(err: StopRequested, run_dir: Path | None) -> None:
 
 
 def report_failure(err: Exception, env: DistEnv, where: dict) -> int:
-    """A peer's failure gets one line; this rank's own failure its traceback, shown once."""
+    """A peer's failure gets one line; this rank's own failure its traceback, shown once. A rank of a
+    multi-process job exits here (launcher/exits.py); one process re-raises, for Python's traceback."""
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     context = f"{where['phase']} {where['step']}" if where["step"] else where["phase"]
+    launcher = "launcher.run" if os.environ.get(exits.RUN_ENV) else "torchrun"
     if env.world_size > 1 and any(sign in str(err) for sign in PEER_FAILURE_SIGNS):
         log.error(
             "rank %d: a collective failed during %s (%s: %s). Another rank died or is stuck; its own "
-            "error, if any, is reported by torchrun",
+            "error, if any, is reported by %s",
             env.rank,
             context,
             type(err).__name__,
             first_line,
+            launcher,
         )
-        exit_now(EXIT_FAILURE)
+        exits.exit_now(exits.FAILURE)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        # torchrun prints this traceback in its failure summary; printing it here too would show it twice.
+        # torchrun prints this traceback in its failure summary (launcher.run too); printing it here as
+        # well would show it twice.
         ErrorHandler().record_exception(err)
         log.error(
-            "rank %d failed during %s: %s: %s (traceback in torchrun's summary below)",
+            "rank %d failed during %s: %s: %s (traceback in %s's summary below)",
             env.rank,
             context,
             type(err).__name__,
             first_line,
+            launcher,
         )
-        exit_now(EXIT_FAILURE)
+        exits.exit_now(exits.FAILURE)
+    if env.world_size > 1:  # srun without torchrun: no summary to defer to
+        log.error("rank %d failed during %s", env.rank, context, exc_info=err)
+        exits.exit_now(exits.FAILURE)
     raise err
-
-
-def exit_now(code: int) -> None:
-    """Exit at once, without unwinding: after a failed collective, freeing the exception's frames can
-    destroy a pending gloo/NCCL work object, whose destructor may wait forever for its peer (seen:
-    a rank whose collective timed out hung in a futex after reporting, so the job never ended)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def run_sweep(env: DistEnv, stop: StopFlag) -> int:
@@ -187,7 +211,7 @@ def run_sweep(env: DistEnv, stop: StopFlag) -> int:
         )
         overrides = list(hydra_cfg.overrides.task)
         log.info("sweep job %s: %s", hydra_cfg.job.num, " ".join(overrides))
-        code = run(job, env, stop)
+        code = run(job, env, stop, sweep=True)
         rows.append((overrides, code, Path(job.cfg.run.dir) if job.cfg.run.dir else None))
         if code != 0:
             failed.append(hydra_cfg.job.num)
@@ -197,22 +221,16 @@ def run_sweep(env: DistEnv, stop: StopFlag) -> int:
         log.info("sweep results:\n%s", sweep_table(rows))
     if failed:
         log.error("sweep jobs failed: %s", failed)
-    return EXIT_FAILURE if failed else 0
+    return exits.FAILURE if failed else exits.OK
 
 
 def report_config_error(err: ConfigError, env: DistEnv) -> int:
     if env.is_main:
         print(f"launcher: invalid config: {err}", file=sys.stderr)
-    return EXIT_CONFIG
+    return exits.CONFIG
 
 
 if __name__ == "__main__":
-    code = main()
-    # Skip interpreter finalization: torch's distributed C++ state can abort() while being torn down
-    # after a clean finish ("terminate called without an active exception", about 1 run in 10 seen with
-    # gloo on torch 2.13), turning a finished job into a failed one. All output is flushed by now, and
-    # everything that needed closing (process group, checkpoints, metrics, wandb) is closed.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # Skip interpreter finalization (exits.exit_now says why). Everything that needed closing
+    # (checkpoints, metrics, wandb) is closed by now.
+    exits.exit_now(main())

@@ -3,7 +3,8 @@
 Layout: `<run.dir>/checkpoints/step_<N>/` holding the files each rank wrote (which files is the
 trainer's business) and `meta.json` with the step and a sha256 per file. A save writes into
 `.tmp_step_<N>/`; after every rank has written, rank 0 adds meta.json and renames the directory:
-the rename is the commit. A killed save leaves only a `.tmp_*` directory, which is never loaded.
+the rename is the commit. A killed save leaves only a `.tmp_*` directory, which is never loaded; a
+save that fails (a full disk, say) is removed on every rank's word and reported as DiskFull (exit 6).
 Loads verify checksums and use `torch.load(weights_only=True)`.
 """
 
@@ -22,6 +23,15 @@ from typing import Any
 
 import torch
 
+from launcher.diskspace import (
+    DiskFull,
+    free_bytes,
+    is_disk_full,
+    payload_bytes,
+    size,
+    tree_bytes,
+    warn_if_short,
+)
 from launcher.dist import DistSession
 from launcher.errors import ConfigError
 
@@ -51,31 +61,103 @@ class Checkpointer:
             return False
 
     def save(self, step: int, files: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Collective: every rank writes its `files`; rank 0 commits. Returns the checkpoint path."""
+        """Collective: every rank writes its `files`; rank 0 commits. Returns the checkpoint path.
+
+        Raises:
+            DiskFull: a rank could not write (no space, or another write error); the partial
+                directory is removed and every earlier checkpoint is untouched. Raised on every rank.
+        """
         tmp, final = self.root / f".tmp_step_{step}", self.root / f"step_{step}"
+        error = None
         if self.session.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-            tmp.mkdir(parents=True)
-        self.session.barrier()
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+                tmp.mkdir(parents=True)
+            except OSError as err:
+                error = err
+        # Also the barrier after the mkdir: every rank's bytes, for the free-space check.
+        needed = sum(self.session.all_gather_object(payload_bytes(files)))
+        if self.session.is_main and error is None:
+            warn_if_short(self.root, needed, f"checkpoint step_{step}")
         hashes = {}
-        for name, state in files.items():
-            path = tmp / name
-            torch.save(state, path)
-            _fsync(path)
-            hashes[name] = sha256(path)
-        all_hashes = self.session.all_gather_object(hashes)
+        if error is None:
+            try:
+                for name, state in files.items():
+                    path = tmp / name
+                    with open(path, "wb") as f:  # a file object: a failed write keeps its OSError (errno)
+                        torch.save(state, f)
+                    _fsync(path)
+                    hashes[name] = sha256(path)
+            except (OSError, RuntimeError) as err:  # RuntimeError: torch.save's wrapping of a failed write
+                error = err
+        gathered = self.session.all_gather_object((hashes, _why(error, self.session.rank)))
+        failure = next((why for _, why in gathered if why is not None), None)
         if self.session.is_main:
-            merged = {name: digest for rank_hashes in all_hashes for name, digest in rank_hashes.items()}
-            record = {"step": step, "saved_at": time.time(), "files": merged, **meta}
+            if failure is None:
+                failure = self._commit(step, tmp, final, [h for h, _ in gathered], meta)
+            if failure is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                failure = self._failure_message(step, failure, needed)
+        failure = self.session.broadcast_object(failure)  # also the barrier after the commit
+        if failure is not None:
+            raise DiskFull(failure)
+        if self.session.is_main:
+            self._warn_if_next_will_not_fit(final, step)
+        return final
+
+    def _commit(
+        self, step: int, tmp: Path, final: Path, all_hashes: list[dict], meta: dict[str, Any]
+    ) -> tuple | None:
+        """Rank 0: meta.json, then the rename. Returns why it failed, or None."""
+        merged = {name: digest for rank_hashes in all_hashes for name, digest in rank_hashes.items()}
+        record = {"step": step, "saved_at": time.time(), "files": merged, **meta}
+        # A step_<N> already there (re-reaching a step after resuming from an older checkpoint) is set
+        # aside, not deleted, until the new one is in place.
+        older = self.root / f".old_step_{step}"
+        try:
             (tmp / META).write_text(json.dumps(record, indent=1))
             _fsync(tmp / META)
-            if final.exists():  # e.g. re-reaching a step after resuming from an older checkpoint
-                shutil.rmtree(final)
+            shutil.rmtree(older, ignore_errors=True)
+            if final.exists():
+                os.rename(final, older)
             os.rename(tmp, final)
             _fsync(self.root)
-            self._prune()
-        self.session.barrier()
-        return final
+        except OSError as err:
+            if older.exists() and not final.exists():
+                os.rename(older, final)
+            return _why(err, self.session.rank)
+        shutil.rmtree(older, ignore_errors=True)
+        self._prune()
+        return None
+
+    def _failure_message(self, step: int, why: tuple, needed: int) -> str:
+        rank, full, text = why
+        previous = complete_checkpoints(self.root)
+        kept = f"{previous[0].name} and every earlier checkpoint" if previous else "no earlier checkpoint"
+        resume = f"resume=auto continues from {previous[0].name}" if previous else "the run starts over"
+        if full:
+            problem = (
+                f"no space left on device in {self.root} (the checkpoint needs about {size(needed)}, "
+                f"{size(free_bytes(self.root))} is free)"
+            )
+            fix = "Free space (or lower checkpoint.keep, or move run.dir) and rerun the same command"
+        else:
+            problem = f"rank {rank} could not write in {self.root} ({text})"
+            fix = "Fix the cause and rerun the same command"
+        return (
+            f"checkpoint step_{step} could not be written: {problem}. The partial .tmp_step_{step} was "
+            f"removed; {kept} and metrics.jsonl are intact. {fix}: {resume}"
+        )
+
+    def _warn_if_next_will_not_fit(self, saved: Path, step: int) -> None:
+        """Rank 0, after a save: the next one will be about as large. Said a save early."""
+        warn_if_short(self.root, tree_bytes(saved), f"the next checkpoint after step_{step}")
+
+    def check_space(self, files: dict[str, Any]) -> None:
+        """Collective: warn (rank 0) if the checkpoints this run will write do not fit from the start."""
+        needed = sum(self.session.all_gather_object(payload_bytes(files)))
+        if self.session.is_main:
+            warn_if_short(self.root, needed, "each checkpoint of this run")
 
     def restore(self, resume: str, read: Callable[[Path], Any], apply: Callable[[Any], None]) -> int | None:
         """Collective: load the checkpoint `resume` asks for; returns its step, or None to start fresh.
@@ -122,6 +204,13 @@ class Checkpointer:
     def _prune(self) -> None:
         for old in complete_checkpoints(self.root)[self.keep :]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _why(err: BaseException | None, rank: int) -> tuple[int, bool, str] | None:
+    """A write failure as plain data for the other ranks: (rank, disk full?, first line)."""
+    if err is None:
+        return None
+    return rank, is_disk_full(err), (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -170,7 +170,9 @@ class DistConfig:
     """auto = nccl when CUDA is available, else gloo."""
     shutdown_grace_s: float = 25.0
     """After SIGTERM/SIGINT/SIGUSR1, how long a rank may take to finish its step and checkpoint before
-    it exits anyway. Keep it below torchrun's wait before SIGKILL (30 s) unless you raise that too."""
+    it exits anyway; also how long a rank of a multi-process job may take to exit once it leaves
+    training, whatever blocks (launcher/exits.py). Keep it below torchrun's wait before SIGKILL (30 s)
+    unless you raise that too."""
 
 
 @dataclass

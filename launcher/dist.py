@@ -1,8 +1,9 @@
 """Process groups: who we are (from torchrun's or Slurm's environment), init, and teardown.
 
 `dist_session` is the only place that calls `init_process_group`. One device per local rank; NCCL
-when CUDA is available, gloo otherwise; a timeout on every collective; the group is destroyed on
-every exit path, exceptions included.
+when CUDA is available, gloo otherwise; a timeout on every collective. A rank of a multi-process job
+normally exits inside the session without tearing the group down (launcher/exits.py says why); when
+the process goes on (a sweep's next job), the group is destroyed under the exit deadline.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from launcher import exits
 from launcher.config import Backend, DistConfig
 from launcher.errors import ConfigError
 
@@ -189,7 +191,7 @@ def rendezvous_store(env: DistEnv, timeout: timedelta) -> dist.Store:
 
 @contextmanager
 def dist_session(env: DistEnv, cfg: DistConfig) -> Iterator[DistSession]:
-    """Initialise the process group (if more than one process) and always destroy it."""
+    """Initialise the process group (if more than one process); destroy it if the process goes on."""
     device = pick_device(env, cfg.backend)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -215,4 +217,5 @@ def dist_session(env: DistEnv, cfg: DistConfig) -> Iterator[DistSession]:
         yield DistSession(env, device, backend, control)
     finally:
         if dist.is_available() and dist.is_initialized():
+            exits.start_deadline(cfg.shutdown_grace_s)  # the teardown can block with the GIL held
             dist.destroy_process_group()

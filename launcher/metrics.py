@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from launcher.diskspace import DiskFull, disk_full_message, is_disk_full
+
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak TFLOP/s per GPU, by a substring of torch.cuda.get_device_name().
@@ -43,12 +45,25 @@ class MetricsFile:
             line for line in self.path.read_text().splitlines() if line.strip() and _step_of(line) <= step
         ]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept))
+        except OSError:
+            tmp.unlink(missing_ok=True)  # the file itself is untouched
+            raise
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append one line, whole or not at all: a failed write (a full disk) is cut off again, so
+        the file never holds half a line. Raises DiskFull when the disk is full."""
+        before = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            os.truncate(self.path, before)
+            if is_disk_full(err):
+                raise DiskFull(disk_full_message(err, self.path)) from None
+            raise
 
 
 def _step_of(line: str) -> int:

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from launcher.config import RunConfig
 from launcher.dist import DistSession
 from launcher.errors import ConfigError
+from launcher.exits import RUN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +196,15 @@ def write_config(cfg: Any, run_dir: Path, step: int) -> Path:
     """config.yaml (resolved), written when training starts, so it describes an attempt that trained.
     An earlier, different one is kept as config.step_<step>.yaml: the step from which it changed."""
     text = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
-    path = run_dir / CONFIG
+    path, tmp = run_dir / CONFIG, run_dir / f".{CONFIG}.tmp"
+    try:
+        tmp.write_text(text)  # whole or not at all: a full disk never leaves half a config.yaml
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     if path.exists() and path.read_text() != text:
         path.rename(run_dir / f"config.step_{step}.yaml")
-    path.write_text(text)
+    os.replace(tmp, path)
     return path
 
 
@@ -208,8 +214,10 @@ def continue_command(run_dir: Path) -> str:
     local = os.environ.get("LOCAL_WORLD_SIZE")
     if os.environ.get("TORCHELASTIC_RUN_ID") and local:
         nnodes = int(os.environ.get("WORLD_SIZE", local)) // int(local)
-        head = ["torchrun", "--standalone"] if nnodes == 1 else ["torchrun", f"--nnodes={nnodes}", "..."]
-        head += [f"--nproc_per_node={local}", "-m", "launcher"]
+        via_run = bool(os.environ.get(RUN_ENV))  # started by python -m launcher.run
+        tool = ["python", "-m", "launcher.run"] if via_run else ["torchrun"]
+        head = [*tool, "--standalone"] if nnodes == 1 else [*tool, f"--nnodes={nnodes}", "..."]
+        head += [f"--nproc_per_node={local}"] + ([] if via_run else ["-m", "launcher"])
     else:
         head = ["python", "-m", "launcher"]
     return shlex.join(head + args)

@@ -258,10 +258,13 @@ class Trainer:
             )
 
     def _first_step_done(self, seconds: float) -> None:
-        """The first step of this start: under torch.compile it includes the compilation. Said once."""
+        """The first step of this start: under torch.compile it includes the compilation. Said once.
+        Now that the optimizer holds its state, a checkpoint's size is known: warn if none would fit."""
         self.first_step_s = seconds
         if self.cfg.train.compile_on:
             log.info("first step took %.1f s: torch.compile compiled the model and loss", seconds)
+        with self.window.excluding():
+            self.checkpointer.check_space(self.state.files())
 
     def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         # Under fp16, non-finite gradients are loss-scale overflow: the GradScaler's business, not ours.

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from launcher.checkpoint import Checkpointer, CheckpointError, complete_checkpoints, load_file, read_meta
+from launcher.diskspace import DiskFull
 from launcher.dist import DistEnv, DistSession
 
 
@@ -92,3 +93,40 @@ def test_malicious_pickle_is_refused(checkpointer, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="refused to load"):
         load_file(ckpt, "model.pt")
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize(
+    "errno_, says", [(28, "no space left on device in"), (5, "rank 0 could not write in")]
+)
+def test_a_failed_save_is_removed_and_named_and_the_older_one_kept(checkpointer, monkeypatch, errno_, says):
+    save(checkpointer, 1, 1.0)
+    real_save = torch.save
+
+    def fails_midway(state, f):
+        real_save(state, f)  # a partial file on disk, as a full disk leaves it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from OSError(
+            errno_, "x"
+        )
+
+    monkeypatch.setattr(torch, "save", fails_midway)
+    with pytest.raises(DiskFull, match=f"checkpoint step_2 could not be written: {says}") as failed:
+        save(checkpointer, 2, 2.0)
+    assert "The partial .tmp_step_2 was removed; step_1 and every earlier checkpoint" in str(failed.value)
+    assert "resume=auto continues from step_1" in str(failed.value)
+    assert [p.name for p in checkpointer.root.iterdir()] == ["step_1"]
+
+
+def test_a_failed_commit_puts_the_checkpoint_it_replaced_back(checkpointer, monkeypatch):
+    save(checkpointer, 2, 2.0)  # re-reaching step 2 after resuming from an older checkpoint
+    real_rename = os.rename
+
+    def no_space_for_the_new(src, dst):
+        if str(src).endswith(".tmp_step_2"):
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", no_space_for_the_new)
+    with pytest.raises(DiskFull):
+        save(checkpointer, 2, 3.0)
+    assert sorted(p.name for p in checkpointer.root.iterdir()) == ["step_2"]
+    assert torch.equal(load_file(checkpointer.root / "step_2", "model.pt")["w"], torch.full((4,), 2.0))
