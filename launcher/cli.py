@@ -281,7 +281,7 @@ def _to_job(
     if size_for is None and needs_resolving(config):
         normalize(config)  # auto stays: resolved where the job runs and its GPU is known
     else:
-        picked = resolve_batch(config, recipe_class, ranks, size_for(config) if size_for else None)
+        picked = resolve_batch(config, recipe_class, ranks, size_for)
         if picked:
             log.info("%s", picked)
     recipe = check_recipe(config, recipe_class)  # first: the checks below build the recipe's model too

@@ -116,12 +116,16 @@ def device_bytes_here(cfg: Config) -> tuple[int, str] | None:
 
 
 def resolve_batch(
-    cfg: Config, recipe_class: type, world_size: int, device: tuple[int, str] | None
+    cfg: Config,
+    recipe_class: type,
+    world_size: int,
+    size_for: Callable[[Config], tuple[int, str] | None] | None,
 ) -> str | None:
     """Resolve `auto` in cfg.train in place; return what was chosen and why (None: nothing was auto).
 
     Args:
-        device: (bytes the allocator may use, name) to size for; None: no device known.
+        size_for: gives (bytes the allocator may use, name) to size for, asked only when something is
+            auto; None, or None from it: no device known.
 
     Raises:
         ConfigError: no device to size for, a global batch that does not divide, or nothing fits.
@@ -135,6 +139,7 @@ def resolve_batch(
     kept = _keep_previous_pick(cfg)
     if kept:
         return kept
+    device = size_for(cfg) if size_for is not None else None
     if device is None:
         raise ConfigError(
             "train.micro_batch_size" if is_auto(train.micro_batch_size) else "train.activation_checkpointing",
