@@ -84,6 +84,7 @@ def _main(env: DistEnv, stop: StopFlag) -> int:
 def run(job: cli.Job, env: DistEnv, stop: StopFlag) -> int:
     from launcher.memory.allocator import configure_allocator
     from launcher.memory.guard import OutOfMemoryReported
+    from launcher.parallel import needs_process_group
     from launcher.train import WHERE, NonFiniteLoss, train
 
     stop.grace_s = job.cfg.dist.shutdown_grace_s
@@ -91,7 +92,7 @@ def run(job: cli.Job, env: DistEnv, stop: StopFlag) -> int:
     configure_allocator(job.cfg.memory)  # before CUDA initialises
     try:
         check_train_data(job.cfg, job.recipe, job.recipe_class, env.world_size)  # before any process group
-        with dist_session(env, job.cfg.dist) as session:
+        with dist_session(env, job.cfg.dist, needs_process_group(job.cfg)) as session:
             run_dir, picked, lock = resolve_run_dir(job.cfg, job.recipe_name, job.output_dir, session)
             job.cfg.run.dir = str(run_dir)
             if picked:

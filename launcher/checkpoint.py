@@ -1,7 +1,8 @@
 """Checkpoints that are complete or absent, never half-written, and loaded without unpickling code.
 
 Layout: `<run.dir>/checkpoints/step_<N>/` holding the files each rank wrote (which files is the
-trainer's business) and `meta.json` with the step and a sha256 per file. A save writes into
+trainer's business; sharded strategies add a DCP directory, `sharded/`) and `meta.json` with the
+step and a sha256 per file. A save writes into
 `.tmp_step_<N>/`; after every rank has written, rank 0 adds meta.json and renames the directory:
 the rename is the commit. A killed save leaves only a `.tmp_*` directory, which is never loaded.
 Loads verify checksums and use `torch.load(weights_only=True)`.
@@ -50,8 +51,11 @@ class Checkpointer:
         except OSError:
             return False
 
-    def save(self, step: int, files: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Collective: every rank writes its `files`; rank 0 commits. Returns the checkpoint path."""
+    def save(
+        self, step: int, files: dict[str, Any], meta: dict[str, Any], sharded: dict[str, Any] | None = None
+    ) -> Path:
+        """Collective: every rank writes its `files` (and its part of `sharded`, with DCP, into
+        `sharded/`: launcher/sharded_checkpoint.py); rank 0 commits. Returns the checkpoint path."""
         tmp, final = self.root / f".tmp_step_{step}", self.root / f"step_{step}"
         if self.session.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
@@ -63,6 +67,10 @@ class Checkpointer:
             torch.save(state, path)
             _fsync(path)
             hashes[name] = sha256(path)
+        if sharded is not None:
+            from launcher.sharded_checkpoint import SHARDED_DIR, save_sharded  # noqa: PLC0415 - cycle
+
+            hashes.update(save_sharded(sharded, tmp / SHARDED_DIR, self.session))
         all_hashes = self.session.all_gather_object(hashes)
         if self.session.is_main:
             merged = {name: digest for rank_hashes in all_hashes for name, digest in rank_hashes.items()}

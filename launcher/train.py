@@ -31,6 +31,7 @@ from launcher.metrics import MetricsFile, flops_per_micro_batch, memory_stats, p
 from launcher.nonfinite_guard import NonFiniteGuard
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.parallel import build_strategy
+from launcher.parallel.lockstep import lockstep
 from launcher.precision import MixedPrecision
 from launcher.profile import build_profiler, phase
 from launcher.rundir import write_config
@@ -101,7 +102,9 @@ class Trainer:
                 cfg.train.steps,
             )
         seed_everything(cfg.train.seed + session.rank)  # per-rank randomness (dropout), after the shared init
-        self.optimizer = build_optimizer(self.strategy.module.named_parameters(), cfg.optim, session.device)
+        self.optimizer = build_optimizer(
+            self.strategy.module.named_parameters(), cfg.optim, self.strategy.param_device
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.amp = MixedPrecision(cfg.precision, session.device)
         self.guard = NonFiniteGuard(self.optimizer, session.device, self.amp.scaling)
@@ -185,7 +188,11 @@ class Trainer:
         self.last_step = cfg.train.stop_at_step or cfg.train.steps
         # Looking inside: step timing and GPU telemetry on log steps, the profiler over its window.
         # (No exposed-comm timing under torch.compile: hooks added for one step would make Dynamo recompile.)
-        timed_comm = self.strategy.comm_stats is not None and not cfg.train.compile_on
+        timed_comm = (
+            self.strategy.comm_stats is not None
+            and self.strategy.times_exposed_comm
+            and not cfg.train.compile_on
+        )
         comm_params = self.strategy.module.parameters() if timed_comm else None
         self.timer = StepTimer(cfg.metrics.step_timing, session.device, comm_params)
         self.telemetry = GpuTelemetry(cfg.metrics.gpu_telemetry, session)
@@ -356,7 +363,9 @@ class Trainer:
             return self.checkpointer.root / f"step_{step}"
         WHERE.update(phase="checkpoint save", step=step)
         with phase("checkpoint"), self.window.excluding():
-            path = self.checkpointer.save(step, self.state.files(), self.state.meta())
+            path = self.checkpointer.save(
+                step, self.state.files(), self.state.meta(), self.state.sharded_state()
+            )
         self.saved_step = step
         log.info("saved %s", path)
         return path
@@ -375,17 +384,25 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     sums: dict[str, torch.Tensor] = {}
     count = zero.clone()
     strategy.module.eval()
+    batches = eval_batches(
+        trainer.eval_set,
+        cfg.train.micro_batch_size,
+        strategy.dp_rank,
+        strategy.dp_size,
+        cfg.train.eval_batches,
+        cfg.loader,
+        session.device,
+        split=getattr(recipe, "split_batch", None),
+    )
+    if strategy.eval_in_lockstep:  # forwards are collectives: ranks with fewer batches run spare ones
+
+        def spare(batch):
+            with trainer.amp.autocast():
+                strategy.eval_forward(*batch)
+
+        batches = lockstep(batches, session, spare)
     with torch.no_grad():
-        for inputs, targets in eval_batches(
-            trainer.eval_set,
-            cfg.train.micro_batch_size,
-            strategy.dp_rank,
-            strategy.dp_size,
-            cfg.train.eval_batches,
-            cfg.loader,
-            session.device,
-            split=getattr(recipe, "split_batch", None),
-        ):
+        for inputs, targets in batches:
             with trainer.amp.autocast():
                 outputs = strategy.eval_forward(inputs, targets)
             if outputs is None:

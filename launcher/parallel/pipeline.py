@@ -148,6 +148,9 @@ class PipelineStrategy:
             dims.dp,
         )
         self.model_parallel_size = dims.pp
+        self.sharded_checkpoint = self.eval_in_lockstep = False
+        self.times_exposed_comm = True
+        self.param_device = session.device
         self.shard, self.writes_shared_state = f"_pp{self.pp_rank}", self.dp_rank == 0
         # What the checkpoint shards depend on (not dp: replicas hold the same state), as overrides.
         self.layout_id = (
