@@ -64,7 +64,7 @@ class Exploit:
 def test_a_planted_checkpoint_index_is_refused_not_unpickled(tmp_path: Path, capsys):
     index = tmp_path / SHARDED_DIR / ".metadata"
     index.parent.mkdir()
-    index.write_bytes(pickle.dumps(Exploit(), protocol=2))
+    index.write_bytes(pickle.dumps(Exploit()))
     with pytest.raises(CheckpointError, match="refused to load .*builtins.print is not allowed"):
         saved_shapes(tmp_path)
     assert "PWNED" not in capsys.readouterr().out
