@@ -289,6 +289,11 @@ class PipelineConfig:
     [blocks.4, blocks.8]; empty = balance blocks by parameter count (embeddings count zero)."""
     bucket_cap_mb: float = 25.0
     """Bucket size of the gradient all-reduce over each stage's data-parallel group."""
+    dp_shard: int = 1
+    """Shard each stage's parameters, gradients and optimizer state (FSDP2) over groups of this many of
+    its data-parallel ranks (torchtitan's PP x FSDP); must divide parallel.dp. 1 = every replica holds
+    its whole stage and gradients are all-reduced (GradReducer, comm hooks apply); dp_shard = dp fully
+    shards each stage; in between, hybrid: sharded within groups, all-reduced across them."""
 
 
 class FSDPDtype(str, Enum):

@@ -144,6 +144,24 @@ def test_two_ranks_then_resume_as_hybrid_two_by_two(reference, tmp_path):
     assert relative_diff(exported, reference.model(6)) < TOLERANCE
 
 
+def test_pipeline_two_stages_each_sharded_over_two(reference, tmp_path):
+    result = launch(
+        [
+            *ARGS,
+            "parallel=pipeline",
+            "parallel.pp=2",
+            "parallel.dp_shard=2",
+            "parallel.num_microbatches=2",
+            "train.micro_batch_size=4",
+        ],
+        tmp_path,
+        nproc=4,
+    )
+    assert_ok(result)
+    assert_matches(result, reference, steps={1, 2, 3, 4, 5, 6}, params_at=[2, 6])
+    assert (result.run_dir / "checkpoints" / "step_6" / "sharded" / ".metadata").is_file()
+
+
 def test_kill_during_sharded_save_leaves_the_previous_checkpoint(reference, tmp_path):
     """SIGKILL on rank 1 while DCP writes step 4's shards: step 2 stays the newest complete checkpoint,
     and a resume on the same world size continues to the uninterrupted run's numbers."""

@@ -11,6 +11,7 @@ from tests.conftest import TINY_GPT, launch
 pytestmark = pytest.mark.integration
 
 FSDP = [*TINY_GPT, "parallel=fsdp", "train.micro_batch_size=4"]
+PIPE = [*TINY_GPT, "parallel=pipeline", "train.micro_batch_size=4", "parallel.num_microbatches=2"]
 # A 206B-parameter GPT on the meta device: its offloaded AdamW shards (~3 TB) fit no host.
 HUGE = ["recipe.model.d_model=16384", "recipe.model.n_layers=64", "recipe.model.n_heads=64"]
 
@@ -40,6 +41,13 @@ CASES = [
         2,
         "parallel.offload=True: the 1 rank(s) on this node would keep",
         "parallel.offload=false",
+    ),
+    ([*PIPE, "parallel.dp_shard=3"], 4, "parallel.dp_shard=3: does not divide parallel.dp=2", "[1, 2]"),
+    (
+        [*PIPE, "parallel.dp_shard=2", "comm_hook=fp16"],
+        4,
+        "is not supported with parallel.dp_shard=2",
+        "comm_hook=none",
     ),
 ]
 
