@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from launcher.activation_checkpointing import checkpoint_blocks
-from launcher.config import Config, DDPConfig, PipelineConfig, PowerSGDConfig
+from launcher.config import Config, DDPConfig, FSDPConfig, PipelineConfig, PowerSGDConfig
+from launcher.memory import fsdp
 from launcher.memory import parts as closed
 from launcher.memory.step_trace import (
     fake_batch,
@@ -88,6 +89,9 @@ def estimate(
     sample = _first_sample(recipe, cfg)
     if isinstance(cfg.parallel, PipelineConfig):
         ranks, layout = _pipeline(cfg, recipe, sample, world_size)
+        fsdp.shard_pipeline_ranks(cfg, ranks)  # parallel.dp_shard > 1: stages sharded
+    elif isinstance(cfg.parallel, FSDPConfig):
+        ranks, layout = fsdp.fsdp_ranks(cfg, recipe, sample, world_size)
     else:
         ranks, layout = [_data_parallel(cfg, recipe, sample, world_size)], f"ddp dp={world_size}"
     for rank in ranks:
