@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupt, or refused; the message names the file."""
 
 
+@dataclass
+class _Pending:
+    """An asynchronous sharded save whose files are still being written."""
+
+    step: int
+    tmp: Path
+    final: Path
+    hashes: dict[str, str]
+    meta: dict[str, Any]
+    future: Any
+
+
 class Checkpointer:
-    def __init__(self, root: Path, keep: int, session: DistSession) -> None:
+    def __init__(self, root: Path, keep: int, session: DistSession, async_save: bool = False) -> None:
         self.root, self.keep, self.session = root, keep, session
+        self.async_save = async_save
+        self.pending: _Pending | None = None
 
     def check_writable(self) -> bool:
         """Can this rank create files under the checkpoint directory? Checked at start, not at step 10k."""
@@ -52,10 +67,21 @@ class Checkpointer:
             return False
 
     def save(
-        self, step: int, files: dict[str, Any], meta: dict[str, Any], sharded: dict[str, Any] | None = None
+        self,
+        step: int,
+        files: dict[str, Any],
+        meta: dict[str, Any],
+        sharded: dict[str, Any] | None = None,
+        wait: bool = True,
     ) -> Path:
         """Collective: every rank writes its `files` (and its part of `sharded`, with DCP, into
-        `sharded/`: launcher/sharded_checkpoint.py); rank 0 commits. Returns the checkpoint path."""
+        `sharded/`: launcher/sharded_checkpoint.py); rank 0 commits. Returns the checkpoint path.
+
+        With `async_save` and `sharded`, the shards are copied to host memory and written by a
+        background thread; unless `wait`, the commit happens at the next save (or `finish_pending`),
+        and until then the previous checkpoint is the newest complete one.
+        """
+        self.finish_pending()
         tmp, final = self.root / f".tmp_step_{step}", self.root / f"step_{step}"
         if self.session.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
@@ -68,9 +94,35 @@ class Checkpointer:
             _fsync(path)
             hashes[name] = sha256(path)
         if sharded is not None:
-            from launcher.sharded_checkpoint import SHARDED_DIR, save_sharded  # noqa: PLC0415 - cycle
+            from launcher import sharded_checkpoint as dcp_files  # noqa: PLC0415 - cycle
 
-            hashes.update(save_sharded(sharded, tmp / SHARDED_DIR, self.session))
+            directory = tmp / dcp_files.SHARDED_DIR
+            if self.async_save:
+                future = dcp_files.start_async_save(sharded, directory, self.session)
+                self.pending = _Pending(step, tmp, final, hashes, meta, future)
+                return self.finish_pending() if wait else final
+            hashes.update(dcp_files.save_sharded(sharded, directory, self.session))
+        return self._commit(step, tmp, final, hashes, meta)
+
+    def finish_pending(self) -> Path | None:
+        """Collective: wait for an asynchronous save's writes, then commit it; None if there is none."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        from launcher.sharded_checkpoint import SHARDED_DIR, finish_async_save  # noqa: PLC0415 - cycle
+
+        hashes = {
+            **pending.hashes,
+            **finish_async_save(pending.future, pending.tmp / SHARDED_DIR, self.session),
+        }
+        path = self._commit(pending.step, pending.tmp, pending.final, hashes, pending.meta)
+        log.info("saved %s (written in the background)", path)
+        return path
+
+    def _commit(
+        self, step: int, tmp: Path, final: Path, hashes: dict[str, str], meta: dict[str, Any]
+    ) -> Path:
+        """Collective: rank 0 writes meta.json (every rank's checksums) and renames tmp into place."""
         all_hashes = self.session.all_gather_object(hashes)
         if self.session.is_main:
             merged = {name: digest for rank_hashes in all_hashes for name, digest in rank_hashes.items()}

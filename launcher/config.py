@@ -154,6 +154,10 @@ class CheckpointConfig:
     """Save every N steps; 0 = only the final checkpoint."""
     keep: int = 2
     """Complete checkpoints to keep (oldest deleted first)."""
+    async_save: bool = False
+    """Sharded checkpoints (parallel=fsdp, pipeline dp_shard > 1) only: copy the shards to host memory and
+    write them in a background thread (DCP's async_save) while training goes on. The checkpoint is
+    committed (renamed into place) when the next save begins; the final and signal-stop saves wait."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
@@ -111,12 +112,35 @@ def sharded_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
 def save_sharded(state: dict[str, Any], directory: Path, session: DistSession) -> dict[str, str]:
     """Collective: write `state` with DCP; returns {relative path: sha256} of this rank's share of files."""
     dcp.save(state, checkpoint_id=directory)
+    return _hash_share(directory, session)
+
+
+def _hash_share(directory: Path, session: DistSession) -> dict[str, str]:
     session.barrier()  # the index is written (by rank 0) once every rank's shards are
     names = sorted(p.name for p in directory.iterdir() if p.is_file())
     mine = names[session.rank :: session.world_size]
     if session.is_main:
         _fsync(directory)
     return {f"{SHARDED_DIR}/{name}": sha256(directory / name) for name in mine}
+
+
+_ASYNC_GROUP: list[Any] = []
+
+
+def start_async_save(state: dict[str, Any], directory: Path, session: DistSession) -> Any:
+    """Collective: copy this rank's shards to host memory and write them in a background thread; returns
+    the future that finish_async_save waits on. The thread's own collectives (DCP's planning) run on a
+    gloo group of their own, created once, so they never interleave with training's."""
+    if session.initialized and not _ASYNC_GROUP:
+        _ASYNC_GROUP.append(dist.new_group(backend="gloo"))
+    group = _ASYNC_GROUP[0] if _ASYNC_GROUP else None
+    return dcp.async_save(state, checkpoint_id=directory, process_group=group)
+
+
+def finish_async_save(future: Any, directory: Path, session: DistSession) -> dict[str, str]:
+    """Collective: wait for this rank's background write; {relative path: sha256} of its share of files."""
+    future.result()
+    return _hash_share(directory, session)
 
 
 def verify_sharded(checkpoint: Path, meta: dict[str, Any], session: DistSession) -> None:

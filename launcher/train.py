@@ -127,7 +127,9 @@ class Trainer:
                 "use train.eval_every=0, or give the recipe eval data",
             )
 
-        self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, session)
+        self.checkpointer = Checkpointer(
+            run_dir / "checkpoints", cfg.checkpoint.keep, session, cfg.checkpoint.async_save
+        )
         if not session.all_agree(self.checkpointer.check_writable()):
             raise ConfigError(
                 "run.dir",
@@ -356,18 +358,20 @@ class Trainer:
         every = self.cfg.checkpoint.every
         if force or (every and step % every == 0) or step == self.last_step:
             self._check_dropped(step)
-            self._save(step)
+            self._save(step, wait=force or step == self.last_step)
 
-    def _save(self, step: int) -> Path:
+    def _save(self, step: int, wait: bool = True) -> Path:
+        """`wait=False`: an asynchronous save (checkpoint.async_save) may commit at the next save."""
         if self.saved_step == step:
             return self.checkpointer.root / f"step_{step}"
         WHERE.update(phase="checkpoint save", step=step)
         with phase("checkpoint"), self.window.excluding():
             path = self.checkpointer.save(
-                step, self.state.files(), self.state.meta(), self.state.sharded_state()
+                step, self.state.files(), self.state.meta(), self.state.sharded_state(), wait
             )
         self.saved_step = step
-        log.info("saved %s", path)
+        pending = self.checkpointer.pending is not None
+        log.info("%s %s", "writing in the background" if pending else "saved", path)
         return path
 
     def _emit(self, record: dict[str, Any]) -> None:

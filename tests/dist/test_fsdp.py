@@ -100,13 +100,18 @@ def test_four_ranks_accumulation_checkpointing_then_resume_on_two(reference, tmp
     assert "allreduce_bytes" not in last
 
 
-def test_two_ranks_then_resume_as_hybrid_two_by_two(reference, tmp_path):
+def test_two_ranks_async_saves_then_resume_as_hybrid_two_by_two(reference, tmp_path):
     run_dir = tmp_path / "run"
+    # Step 2's shards are written in the background and committed when step 4's save begins.
     first = launch(
-        [*ARGS, *FSDP, "train.micro_batch_size=4", "train.stop_at_step=2"], tmp_path, nproc=2, run_dir=run_dir
+        [*ARGS, *FSDP, "train.micro_batch_size=4", "train.stop_at_step=4", "checkpoint.async_save=true"],
+        tmp_path,
+        nproc=2,
+        run_dir=run_dir,
     )
     assert_ok(first)
-    assert_matches(first, reference, steps={1, 2}, params_at=[2])
+    assert "writing in the background" in first.output and "step_2 (written in the background)" in first.output
+    assert_matches(first, reference, steps={1, 2, 3, 4}, params_at=[2, 4])
     second = launch(
         [*ARGS, *FSDP, "parallel.dp_replicate=2", "parallel.dp_shard=2", "train.micro_batch_size=2"],
         tmp_path,
@@ -114,8 +119,8 @@ def test_two_ranks_then_resume_as_hybrid_two_by_two(reference, tmp_path):
         run_dir=run_dir,
     )
     assert_ok(second)
-    assert "resumed from step 2" in second.output
-    assert_matches(second, reference, steps={3, 4, 5, 6}, params_at=[6])
+    assert "resumed from step 4" in second.output
+    assert_matches(second, reference, steps={5, 6}, params_at=[6])
     last = second.train_lines()[-1]
     numel = sum(t.numel() for t in reference.model(6).values())
     assert last["allreduce_bytes"] == pytest.approx(numel * 4 / 2, rel=1e-3)  # the shard, across replicas
