@@ -54,6 +54,17 @@ CASES = {
     "b_fp32_mb8": [*BASE, "precision=fp32", "train.micro_batch_size=8"],
     "b_fp16_mb16": [*BASE, "precision=fp16"],
     "b_bf16_mb4_accum4_sgd": [*BASE, "train.micro_batch_size=4", "train.grad_accum_steps=4", "optim=sgd"],
+    # parallel=fsdp on a one-rank mesh (issue 24): the gathered units and reduce-scatter buffers it adds
+    "b_bf16_mb16_fsdp": [*BASE, "parallel=fsdp"],
+    "b_bf16_mb16_ac_fsdp": [*BASE, "parallel=fsdp", "train.activation_checkpointing=true"],
+    "b_fp32_mb8_fsdp_zero2_accum2": [
+        *BASE,
+        "parallel=fsdp",
+        "parallel.reshard_after_forward=false",
+        "precision=fp32",
+        "train.micro_batch_size=4",
+        "train.grad_accum_steps=2",
+    ],
     "b_bf16_mb32_ac_compile": [
         *BASE,
         "train.micro_batch_size=32",

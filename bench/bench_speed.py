@@ -14,7 +14,8 @@ head; recipes/gpt.py's GPT), micro-batch 16, bf16 autocast, fused AdamW (lr 6e-4
   the median of its logged windows after the first two (warm-up and compilation not counted in them;
   the wall time column counts everything). `launcher_eager` is the default (plain loss since issue 20),
   `launcher_chunked` the chunked loss (`recipe.loss_chunk_tokens=4096`), `launcher_compiled` the
-  compiled model + loss (`train.compile=true`).
+  compiled model + loss (`train.compile=true`). `launcher_fsdp_*`: the same with `parallel=fsdp` on a
+  one-rank mesh (each block compiled, and the loss; the plain cases compile model + loss as one graph).
 - `--suite fp8`: at each width, bf16 compiled against fp8 (tensorwise, rowwise) compiled: tokens/s
   and eval loss after the same steps on the stdlib corpus (20 eval batches at the last step).
 - `--hook-cost`: DDP over a one-rank NCCL group (the all-reduce is free, what remains is the hook's
@@ -54,6 +55,10 @@ LAUNCHER_CASES = {
     "launcher_compiled_mb32": (["train.compile=true", "train.micro_batch_size=32"], False),
     # The launcher picks the micro-batch (train.micro_batch_size=auto: the fastest that fits the GPU).
     "launcher_auto": (["train.compile=true", "train.micro_batch_size=auto"], False),
+    # Issue 24: parallel=fsdp on a one-rank mesh (all-gathers and reduce-scatters are copies) against the
+    # one-rank runs above (a one-rank DDP run is the plain model: no peers, no wrapper).
+    "launcher_fsdp_eager": (["train.compile=false", "parallel=fsdp"], False),
+    "launcher_fsdp_compiled": (["train.compile=true", "parallel=fsdp"], False),
 }
 HAND_CASES = ("hand_eager", "hand_compiled", "hand_fused")
 ALL_CASES = (*HAND_CASES, *LAUNCHER_CASES)

@@ -86,13 +86,14 @@ def run(job: cli.Job, env: DistEnv, stop: StopFlag, sweep: bool = False) -> int:
     """One training job. A rank of a multi-process job ends its process here, inside the session (see
     launcher/exits.py), unless a sweep's next job follows."""
     from launcher.memory.allocator import configure_allocator
+    from launcher.parallel import needs_process_group
     from launcher.train import WHERE
 
     stop.grace_s = job.cfg.dist.shutdown_grace_s
     configure_allocator(job.cfg.memory)  # before CUDA initialises
     try:
         check_train_data(job.cfg, job.recipe, job.recipe_class, env.world_size)  # before any process group
-        with dist_session(env, job.cfg.dist) as session:
+        with dist_session(env, job.cfg.dist, needs_process_group(job.cfg)) as session:
             code = train_and_report(job, session, stop)
             if env.world_size > 1 and not sweep:
                 exits.exit_now(code)  # never tears the group down: that could block with the GIL held

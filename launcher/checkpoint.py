@@ -1,7 +1,8 @@
 """Checkpoints that are complete or absent, never half-written, and loaded without unpickling code.
 
 Layout: `<run.dir>/checkpoints/step_<N>/` holding the files each rank wrote (which files is the
-trainer's business) and `meta.json` with the step and a sha256 per file. A save writes into
+trainer's business; sharded strategies add a DCP directory, `sharded/`) and `meta.json` with the
+step and a sha256 per file. A save writes into
 `.tmp_step_<N>/`; after every rank has written, rank 0 adds meta.json and renames the directory:
 the rename is the commit. A killed save leaves only a `.tmp_*` directory, which is never loaded; a
 save that fails (a full disk, say) is removed on every rank's word and reported as DiskFull (exit 6).
@@ -18,10 +19,12 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from launcher.diskspace import (
     DiskFull,
@@ -45,9 +48,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, corrupt, or refused; the message names the file."""
 
 
+@dataclass
+class _Pending:
+    """An asynchronous sharded save whose files are still being written."""
+
+    step: int
+    tmp: Path
+    final: Path
+    hashes: dict[str, str]
+    meta: dict[str, Any]
+    future: Any
+    needed: int
+    """Bytes of the plain files, for the message should the save fail."""
+
+
 class Checkpointer:
-    def __init__(self, root: Path, keep: int, session: DistSession) -> None:
+    def __init__(self, root: Path, keep: int, session: DistSession, async_save: bool = False) -> None:
         self.root, self.keep, self.session = root, keep, session
+        self.async_save = async_save
+        self.pending: _Pending | None = None
 
     def check_writable(self) -> bool:
         """Can this rank create files under the checkpoint directory? Checked at start, not at step 10k."""
@@ -60,13 +79,26 @@ class Checkpointer:
         except OSError:
             return False
 
-    def save(self, step: int, files: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Collective: every rank writes its `files`; rank 0 commits. Returns the checkpoint path.
+    def save(
+        self,
+        step: int,
+        files: dict[str, Any],
+        meta: dict[str, Any],
+        sharded: dict[str, Any] | None = None,
+        wait: bool = True,
+    ) -> Path:
+        """Collective: every rank writes its `files` (and its part of `sharded`, with DCP, into
+        `sharded/`: launcher/sharded_checkpoint.py); rank 0 commits. Returns the checkpoint path.
+
+        With `async_save` and `sharded`, the shards are copied to host memory and written by a
+        background thread; unless `wait`, the commit happens at the next save (or `finish_pending`),
+        and until then the previous checkpoint is the newest complete one.
 
         Raises:
             DiskFull: a rank could not write (no space, or another write error); the partial
                 directory is removed and every earlier checkpoint is untouched. Raised on every rank.
         """
+        self.finish_pending()
         tmp, final = self.root / f".tmp_step_{step}", self.root / f"step_{step}"
         error = None
         if self.session.is_main:
@@ -79,7 +111,7 @@ class Checkpointer:
         needed = sum(self.session.all_gather_object(payload_bytes(files)))
         if self.session.is_main and error is None:
             warn_if_short(self.root, needed, f"checkpoint step_{step}")
-        hashes = {}
+        hashes: dict[str, str] = {}
         if error is None:
             try:
                 for name, state in files.items():
@@ -90,6 +122,55 @@ class Checkpointer:
                     hashes[name] = sha256(path)
             except (OSError, RuntimeError) as err:  # RuntimeError: torch.save's wrapping of a failed write
                 error = err
+        # DCP's writes are collective: every rank starts them, or none does.
+        if sharded is not None and self.session.all_agree(error is None):
+            from launcher import sharded_checkpoint as dcp_files  # noqa: PLC0415 - cycle
+
+            directory = tmp / dcp_files.SHARDED_DIR
+            if self.async_save:
+                future = dcp_files.start_async_save(sharded, directory, self.session)
+                self.pending = _Pending(step, tmp, final, hashes, meta, future, needed)
+                return self.finish_pending() if wait else final
+            try:
+                hashes.update(dcp_files.save_sharded(sharded, directory, self.session))
+            except (OSError, RuntimeError, CheckpointException) as err:  # raised on every rank by DCP
+                error = err
+        return self._conclude(step, tmp, final, hashes, error, meta, needed)
+
+    def finish_pending(self) -> Path | None:
+        """Collective: wait for an asynchronous save's writes, then commit it; None if there is none.
+
+        Raises:
+            DiskFull: as `save`.
+        """
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        from launcher.sharded_checkpoint import SHARDED_DIR, finish_async_save  # noqa: PLC0415 - cycle
+
+        hashes, error = dict(pending.hashes), None
+        try:
+            hashes.update(finish_async_save(pending.future, pending.tmp / SHARDED_DIR, self.session))
+        except (OSError, RuntimeError, CheckpointException) as err:
+            error = err
+        path = self._conclude(
+            pending.step, pending.tmp, pending.final, hashes, error, pending.meta, pending.needed
+        )
+        log.info("saved %s (written in the background)", path)
+        return path
+
+    def _conclude(
+        self,
+        step: int,
+        tmp: Path,
+        final: Path,
+        hashes: dict[str, str],
+        error: BaseException | None,
+        meta: dict[str, Any],
+        needed: int,
+    ) -> Path:
+        """Collective: every rank's checksums and failure to rank 0, which commits, or removes the
+        partial directory and explains; every rank then returns the path or raises DiskFull."""
         gathered = self.session.all_gather_object((hashes, _why(error, self.session.rank)))
         failure = next((why for _, why in gathered if why is not None), None)
         if self.session.is_main:

@@ -160,6 +160,10 @@ class CheckpointConfig:
     """Save every N steps; 0 = only the final checkpoint."""
     keep: int = 2
     """Complete checkpoints to keep (oldest deleted first)."""
+    async_save: bool = False
+    """Sharded checkpoints (parallel=fsdp, pipeline dp_shard > 1) only: copy the shards to host memory and
+    write them in a background thread (DCP's async_save) while training goes on. The checkpoint is
+    committed (renamed into place) when the next save begins; the final and signal-stop saves wait."""
 
 
 @dataclass
@@ -297,6 +301,53 @@ class PipelineConfig:
     [blocks.4, blocks.8]; empty = balance blocks by parameter count (embeddings count zero)."""
     bucket_cap_mb: float = 25.0
     """Bucket size of the gradient all-reduce over each stage's data-parallel group."""
+    dp_shard: int = 1
+    """Shard each stage's parameters, gradients and optimizer state (FSDP2) over groups of this many of
+    its data-parallel ranks (torchtitan's PP x FSDP); must divide parallel.dp. 1 = every replica holds
+    its whole stage and gradients are all-reduced (GradReducer, comm hooks apply); dp_shard = dp fully
+    shards each stage; in between, hybrid: sharded within groups, all-reduced across them."""
+
+
+class FSDPDtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class FSDPConfig:
+    """Fully sharded data parallelism (PyTorch's FSDP2, `fully_shard`): parameters, gradients and
+    optimizer state are split over the data-parallel ranks, each of the recipe's blocks (and `pre`,
+    `post`, the rest of the model) all-gathered just before it computes."""
+
+    dp_shard: int = -1
+    """Ranks each parameter is sharded over; -1 = world_size // dp_replicate. dp_replicate x dp_shard
+    must equal the world size."""
+    dp_replicate: int = 1
+    """Hybrid sharding (HSDP) for several nodes: dp_replicate groups of dp_shard ranks each hold one
+    sharded copy; gradients are reduce-scattered within a group and all-reduced across groups. Keep a
+    group inside one node (dp_shard = GPUs per node) so all-gathers stay on NVLink."""
+    reshard_after_forward: bool = True
+    """true (ZeRO-3): free each block's gathered parameters after its forward and all-gather them again
+    in backward (least memory). false (ZeRO-2 behaviour): keep them from forward to backward, one
+    all-gather fewer per block per micro-step, the whole model's gathered parameters in memory at the
+    end of forward. The last block and `post` are kept either way (backward needs them first)."""
+    param_dtype: FSDPDtype = FSDPDtype.auto
+    """Dtype of the all-gathered parameters the forward and backward compute with (the shards stay
+    fp32 for the optimizer). auto = the precision's: bf16 for precision=bf16/fp8, fp16 for fp16, fp32
+    for fp32. Halves the all-gather bytes and removes autocast's weight copies."""
+    reduce_dtype: FSDPDtype = FSDPDtype.auto
+    """Dtype of the gradient reduce-scatter (and the all-reduce across replicas). auto = fp32: exact
+    accumulation across ranks; bf16 halves the bytes at some precision."""
+    offload: bool = False
+    """Keep the sharded parameters, gradients and optimizer state in (pinned) CPU memory, copied to the
+    GPU per block; the optimizer steps on the CPU. Frees ~16 bytes a parameter of GPU memory (AdamW)
+    at a large cost in speed. Refused when this node's memory cannot hold them."""
+    reduce_every_micro_step: bool = False
+    """With train.grad_accum_steps > 1: false (default) accumulates unsharded gradients and
+    reduce-scatters once, on the last micro-step (as DDP's no_sync): full-size gradients between
+    micro-steps. true reduce-scatters after every micro-step: only sharded gradients, more traffic."""
 
 
 @dataclass
@@ -444,7 +495,7 @@ class Config:
     recipe: Any = MISSING
     """The recipe's own config (its `Config` dataclass)."""
     parallel: Any = MISSING
-    """Parallelism strategy: `ddp` or `pipeline` (and its fields)."""
+    """Parallelism strategy: `ddp`, `fsdp` or `pipeline` (and its fields)."""
     comm_hook: Any = MISSING
     """Gradient communication over the data-parallel group: `none`, `fp16`, `bf16`, `powersgd`."""
     optim: Any = MISSING
@@ -469,7 +520,7 @@ class Config:
 
 # Group name -> {option schema name -> dataclass}. YAML option files pull these in by name.
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
-    "parallel": {"ddp": DDPConfig, "pipeline": PipelineConfig},
+    "parallel": {"ddp": DDPConfig, "pipeline": PipelineConfig, "fsdp": FSDPConfig},
     "comm_hook": {
         "none": NoCommHookConfig,
         "fp16": FP16CommHookConfig,

@@ -190,18 +190,19 @@ def rendezvous_store(env: DistEnv, timeout: timedelta) -> dist.Store:
 
 
 @contextmanager
-def dist_session(env: DistEnv, cfg: DistConfig) -> Iterator[DistSession]:
-    """Initialise the process group (if more than one process); destroy it if the process goes on."""
+def dist_session(env: DistEnv, cfg: DistConfig, one_rank_group: bool = False) -> Iterator[DistSession]:
+    """Initialise the process group (if more than one process, or `one_rank_group`: a group of one over
+    an in-process store, for strategies built on a device mesh); destroy it if the process goes on."""
     device = pick_device(env, cfg.backend)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = None
-    if env.world_size > 1:
+    if env.world_size > 1 or one_rank_group:
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=cfg.timeout_s)
         kwargs: dict[str, Any] = dict(
             backend=backend,
-            store=rendezvous_store(env, timeout),
+            store=rendezvous_store(env, timeout) if env.world_size > 1 else dist.HashStore(),
             rank=env.rank,
             world_size=env.world_size,
             timeout=timeout,

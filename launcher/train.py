@@ -31,6 +31,7 @@ from launcher.metrics import MetricsFile, flops_per_micro_batch, memory_stats, p
 from launcher.nonfinite_guard import NonFiniteGuard
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.parallel import build_strategy
+from launcher.parallel.lockstep import lockstep
 from launcher.precision import MixedPrecision
 from launcher.profile import build_profiler, phase
 from launcher.rundir import write_config
@@ -101,7 +102,9 @@ class Trainer:
                 cfg.train.steps,
             )
         seed_everything(cfg.train.seed + session.rank)  # per-rank randomness (dropout), after the shared init
-        self.optimizer = build_optimizer(self.strategy.module.named_parameters(), cfg.optim, session.device)
+        self.optimizer = build_optimizer(
+            self.strategy.module.named_parameters(), cfg.optim, self.strategy.param_device
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.amp = MixedPrecision(cfg.precision, session.device)
         self.guard = NonFiniteGuard(self.optimizer, session.device, self.amp.scaling)
@@ -124,7 +127,9 @@ class Trainer:
                 "use train.eval_every=0, or give the recipe eval data",
             )
 
-        self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, session)
+        self.checkpointer = Checkpointer(
+            run_dir / "checkpoints", cfg.checkpoint.keep, session, cfg.checkpoint.async_save
+        )
         if not session.all_agree(self.checkpointer.check_writable()):
             raise ConfigError(
                 "run.dir",
@@ -185,7 +190,11 @@ class Trainer:
         self.last_step = cfg.train.stop_at_step or cfg.train.steps
         # Looking inside: step timing and GPU telemetry on log steps, the profiler over its window.
         # (No exposed-comm timing under torch.compile: hooks added for one step would make Dynamo recompile.)
-        timed_comm = self.strategy.comm_stats is not None and not cfg.train.compile_on
+        timed_comm = (
+            self.strategy.comm_stats is not None
+            and self.strategy.times_exposed_comm
+            and not cfg.train.compile_on
+        )
         comm_params = self.strategy.module.parameters() if timed_comm else None
         self.timer = StepTimer(cfg.metrics.step_timing, session.device, comm_params)
         self.telemetry = GpuTelemetry(cfg.metrics.gpu_telemetry, session)
@@ -352,16 +361,20 @@ class Trainer:
         every = self.cfg.checkpoint.every
         if force or (every and step % every == 0) or step == self.last_step:
             self._check_dropped(step)
-            self._save(step)
+            self._save(step, wait=force or step == self.last_step)
 
-    def _save(self, step: int) -> Path:
+    def _save(self, step: int, wait: bool = True) -> Path:
+        """`wait=False`: an asynchronous save (checkpoint.async_save) may commit at the next save."""
         if self.saved_step == step:
             return self.checkpointer.root / f"step_{step}"
         WHERE.update(phase="checkpoint save", step=step)
         with phase("checkpoint"), self.window.excluding():
-            path = self.checkpointer.save(step, self.state.files(), self.state.meta())
+            path = self.checkpointer.save(
+                step, self.state.files(), self.state.meta(), self.state.sharded_state(), wait
+            )
         self.saved_step = step
-        log.info("saved %s", path)
+        pending = self.checkpointer.pending is not None
+        log.info("%s %s", "writing in the background" if pending else "saved", path)
         return path
 
     def _emit(self, record: dict[str, Any]) -> None:
@@ -378,17 +391,25 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     sums: dict[str, torch.Tensor] = {}
     count = zero.clone()
     strategy.module.eval()
+    batches = eval_batches(
+        trainer.eval_set,
+        cfg.train.micro_batch_size,
+        strategy.dp_rank,
+        strategy.dp_size,
+        cfg.train.eval_batches,
+        cfg.loader,
+        session.device,
+        split=getattr(recipe, "split_batch", None),
+    )
+    if strategy.eval_in_lockstep:  # forwards are collectives: ranks with fewer batches run spare ones
+
+        def spare(batch):
+            with trainer.amp.autocast():
+                strategy.eval_forward(*batch)
+
+        batches = lockstep(batches, session, spare)
     with torch.no_grad():
-        for inputs, targets in eval_batches(
-            trainer.eval_set,
-            cfg.train.micro_batch_size,
-            strategy.dp_rank,
-            strategy.dp_size,
-            cfg.train.eval_batches,
-            cfg.loader,
-            session.device,
-            split=getattr(recipe, "split_batch", None),
-        ):
+        for inputs, targets in batches:
             with trainer.amp.autocast():
                 outputs = strategy.eval_forward(inputs, targets)
             if outputs is None:

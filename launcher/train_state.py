@@ -2,6 +2,8 @@
 
 Shared per shard (written by one rank per shard): the model (or this pipeline stage's part), the
 optimizer, LR scheduler and GradScaler. Per rank: every RNG, the data position, the comm hook state.
+Sharded strategies (FSDP) write model and optimizer with DCP instead, every rank its shards
+(launcher/sharded_checkpoint.py), and rank 0 the scheduler and GradScaler in `train_state.pt`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from launcher.errors import ConfigError
 from launcher.parallel import Strategy
 from launcher.parallel.comm_hooks import hook_state_dict, load_hook_state
 from launcher.precision import MixedPrecision
+from launcher.sharded_checkpoint import FORMAT, load_sharded, saved_shapes, sharded_state, verify_sharded
 
 log = logging.getLogger(__name__)
+TRAIN_STATE = "train_state.pt"
+"""Sharded checkpoints: the LR scheduler and GradScaler (the same on every rank), written by rank 0."""
 
 
 @dataclass
@@ -62,12 +67,15 @@ class CheckpointState:
         self.stream, self.progress, self.session, self.identity = stream, progress, session, identity
         self.model_file, self.optim_file = f"model{strategy.shard}.pt", f"optimizer{strategy.shard}.pt"
         self.rank_file = f"rank_{session.rank}.pt"
+        self.sharded = strategy.sharded_checkpoint
+        self.format = FORMAT if self.sharded else "torch"
 
     def meta(self) -> dict[str, Any]:
         return {
             "world_size": self.session.world_size,
             "dp_size": self.strategy.dp_size,
             "model_layout": self.strategy.layout_id,
+            "format": self.format,
             **self.identity,
             "skipped_steps": self.progress.skipped_steps,
             "nonfinite_steps": self.progress.nonfinite_steps,
@@ -81,7 +89,13 @@ class CheckpointState:
                 "comm_hook": hook_state_dict(self.strategy.comm_hook),
             }
         }
-        if self.strategy.writes_shared_state:
+        if self.sharded:  # model and optimizer: sharded_state(), every rank through DCP
+            if self.session.is_main:
+                files[TRAIN_STATE] = {
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.amp.state_dict(),
+                }
+        elif self.strategy.writes_shared_state:
             files[self.model_file] = self.strategy.module.state_dict()
             files[self.optim_file] = {
                 "optimizer": self.optimizer.state_dict(),
@@ -90,6 +104,10 @@ class CheckpointState:
             }
         return files
 
+    def sharded_state(self) -> dict[str, Any] | None:
+        """Model and optimizer shards for DCP (a collective to build), or None for unsharded strategies."""
+        return sharded_state(self.strategy.module, self.optimizer) if self.sharded else None
+
     def read(self, path: Path) -> dict[str, Any]:
         """Load and check this rank's files. Raises CheckpointError (unusable) or ConfigError (intact,
         but saved under another layout, recipe or model)."""
@@ -97,10 +115,16 @@ class CheckpointState:
         self._check_identity(path, meta)
         resized = meta.get("world_size") != self.session.world_size
         rank_file = self.rank_file if not resized else "rank_0.pt"  # the data position is global
-        state = {"meta": meta, "resized": resized}
+        state = {"meta": meta, "resized": resized, "path": path}
+        if self.sharded:
+            verify_sharded(path, meta, self.session)  # this rank's share of the DCP files
+            state[TRAIN_STATE] = load_file(path, TRAIN_STATE, meta)
+            state["rank"] = load_file(path, rank_file, meta)
+            self._check_shapes(path, meta, saved_shapes(path))
+            return state
         for name in (self.model_file, self.optim_file, rank_file):
             state[name if name != rank_file else "rank"] = load_file(path, name, meta)
-        self._check_shapes(path, meta, state[self.model_file])
+        self._check_shapes(path, meta, {k: tuple(v.shape) for k, v in state[self.model_file].items()})
         return state
 
     def _check_identity(self, path: Path, meta: dict[str, Any]) -> None:
@@ -113,6 +137,17 @@ class CheckpointState:
                 "parallel layout it was saved with (the number of data-parallel ranks may change)",
                 f"resume with `{saved_layout}`, or start a new run with resume=never or another run.dir",
             )
+        saved_format = meta.get("format", "torch")
+        if saved_format != self.format:
+            kinds = {FORMAT: "sharded (DCP)", "torch": "unsharded (torch.save)"}
+            raise ConfigError(
+                "parallel",
+                self.strategy.layout_id,
+                f"checkpoint {path} holds {kinds.get(saved_format, saved_format)} model and optimizer "
+                f"files; this run's layout writes and reads {kinds[self.format]} ones",
+                "resume with the parallel settings it was saved with (parallel.dp_shard for pipelines), "
+                "or start a new run with resume=never or another run.dir",
+            )
         if meta.get("recipe") != self.identity["recipe"]:
             raise ConfigError(
                 "recipe",
@@ -121,15 +156,11 @@ class CheckpointState:
                 f"resume with recipe={meta.get('recipe')}, or start anew (resume=never or another run.dir)",
             )
 
-    def _check_shapes(self, path: Path, meta: dict[str, Any], saved: dict[str, torch.Tensor]) -> None:
-        current = self.strategy.module.state_dict()
+    def _check_shapes(self, path: Path, meta: dict[str, Any], saved: dict[str, tuple[int, ...]]) -> None:
+        current = {k: tuple(v.shape) for k, v in self.strategy.module.state_dict().items()}
         problems = [f"{k} is missing" for k in current if k not in saved]
         problems += [f"{k} is not in this model" for k in saved if k not in current]
-        problems += [
-            f"{k}: saved {tuple(saved[k].shape)}, now {tuple(current[k].shape)}"
-            for k in current
-            if k in saved and saved[k].shape != current[k].shape
-        ]
+        problems += [f"{k}: saved {saved[k]}, now {v}" for k, v in current.items() if saved.get(k, v) != v]
         if problems:
             changed = config_diff(meta.get("recipe_config") or {}, self.identity["recipe_config"], "recipe")
             raise ConfigError(
@@ -142,9 +173,13 @@ class CheckpointState:
             )
 
     def apply(self, state: dict[str, Any]) -> None:
-        self.strategy.module.load_state_dict(state[self.model_file])
-        optim = state[self.optim_file]
-        self.optimizer.load_state_dict(optim["optimizer"])
+        if self.sharded:  # collective; DCP reshards to this run's world size and layout
+            load_sharded(state["path"], self.strategy.module, self.optimizer)
+            optim = state[TRAIN_STATE]
+        else:
+            self.strategy.module.load_state_dict(state[self.model_file])
+            optim = state[self.optim_file]
+            self.optimizer.load_state_dict(optim["optimizer"])
         self.scheduler.load_state_dict(optim["scheduler"])
         self.amp.load_state_dict(optim["scaler"])
         rank_state, meta = state["rank"], state["meta"]

@@ -3,8 +3,9 @@
 Shared by `launcher.export`, `launcher.serve` and `launcher.generate`. A run directory holds
 `config.yaml` and `checkpoints/step_<N>/`; the model is rebuilt by its recipe and loaded from any
 parallel layout it was trained with (`model.pt`, or pipeline shards `model_pp<k>.pt` keyed by the
-whole model's parameter names, merged back). An export directory (`export.json`, see
-launcher/export.py) is rebuilt the same way, quantized first when it was quantized.
+whole model's parameter names, merged back, or FSDP's DCP shards in `sharded/`, gathered whole). An
+export directory (`export.json`, see launcher/export.py) is rebuilt the same way, quantized first
+when it was quantized.
 
 Which recipe trained a run: the checkpoint's `meta.json` records it (`recipe`); older runs are
 matched against the built-in recipes by the keys of their saved config; `recipe=` on the command
@@ -113,16 +114,48 @@ def load_trained(path: str | Path, checkpoint: str | None = None, recipe: str | 
     meta = read_meta(ckpt)
     recipe_path = recipe or meta.get("recipe") or _guess_recipe(run_cfg)
     recipe_obj = build_recipe(recipe_path, run_cfg.get("recipe", {}))
+    model = recipe_obj.build_model()
+    state = _sharded_model(ckpt, meta, model) if meta.get("format") == "dcp" else _model_files(ckpt, meta)
+    load_matching(model, state, recipe_path, ckpt)
+    model.eval()
+    return Trained(model, recipe_obj, recipe_path, run_cfg, ckpt, int(meta["step"]))
+
+
+def _model_files(ckpt: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     model_files = sorted(name for name in meta["files"] if name.startswith("model"))
     if not model_files:
         raise CheckpointError(f"{ckpt}: holds no model file (model.pt or model_pp<k>.pt)")
     for name in model_files:  # pipeline shards hold disjoint parts of one model: their union is the model
         state.update(load_file(ckpt, name, meta))
-    model = recipe_obj.build_model()
-    load_matching(model, state, recipe_path, ckpt)
-    model.eval()
-    return Trained(model, recipe_obj, recipe_path, run_cfg, ckpt, int(meta["step"]))
+    return state
+
+
+def _sharded_model(ckpt: Path, meta: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded (DCP) checkpoint's model, gathered whole in this process, after every file is verified."""
+    from launcher.sharded_checkpoint import SHARDED_DIR, load_full_model, saved_shapes
+
+    names = [name for name in meta["files"] if name.startswith(f"{SHARDED_DIR}/")]
+    if not names:
+        raise CheckpointError(f"{ckpt}: holds no {SHARDED_DIR}/ files")
+    for name in names:
+        path = ckpt / name
+        if not path.is_file() or sha256(path) != meta["files"][name]:
+            raise CheckpointError(f"{path}: missing, or checksum mismatch (corrupt or truncated)")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if saved_shapes(ckpt) != shapes:  # the recipe's model differs: say so as load_state_dict would
+        raise ConfigError(
+            "recipe",
+            meta.get("recipe", ""),
+            f"its model does not match the weights in {ckpt} (parameter names or shapes differ)",
+            "pass the recipe (and recipe.* settings) this run was trained with",
+        )
+    try:
+        return load_full_model(ckpt, model)
+    except Exception as err:  # noqa: BLE001 - any failure to load is reported the same way
+        raise CheckpointError(
+            f"{ckpt / SHARDED_DIR}: refused to load ({type(err).__name__}: {err})"
+        ) from None
 
 
 def build_recipe(recipe_path: str, recipe_section: Any) -> Any:

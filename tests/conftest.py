@@ -82,6 +82,10 @@ class Result:
         ckpts = self.run_dir / "checkpoints"
         if step is None:
             step = max(int(p.name.split("_")[1]) for p in ckpts.glob("step_*"))
+        if name == "model.pt" and (ckpts / f"step_{step}" / "sharded").is_dir():  # FSDP: DCP shards
+            from launcher.sharded_checkpoint import load_full_model
+
+            return load_full_model(ckpts / f"step_{step}")
         return torch.load(ckpts / f"step_{step}" / name, weights_only=True)
 
 

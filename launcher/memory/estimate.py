@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from launcher.activation_checkpointing import checkpoint_blocks
-from launcher.config import Config, DDPConfig, PipelineConfig, PowerSGDConfig
+from launcher.config import Config, DDPConfig, FSDPConfig, PipelineConfig, PowerSGDConfig
+from launcher.memory import fsdp
 from launcher.memory import parts as closed
 from launcher.memory.compiled import fused_loss
 from launcher.memory.cuda_kernels import CudaKernels
@@ -93,6 +94,9 @@ def estimate(
     sample = _first_sample(recipe, cfg)
     if isinstance(cfg.parallel, PipelineConfig):
         ranks, layout = _pipeline(cfg, recipe, sample, world_size)
+        fsdp.shard_pipeline_ranks(cfg, ranks)  # parallel.dp_shard > 1: stages sharded
+    elif isinstance(cfg.parallel, FSDPConfig):
+        ranks, layout = fsdp.fsdp_ranks(cfg, recipe, sample, world_size)
     else:
         ranks, layout = [_data_parallel(cfg, recipe, sample, world_size)], f"ddp dp={world_size}"
     for rank in ranks:
@@ -147,7 +151,7 @@ def _trace_key(cfg: Config, *extra: Any) -> str:
     )
 
 
-def _build(recipe: Any, checkpointing: bool):
+def build_meta_model(recipe: Any, checkpointing: bool):
     """The recipe's model on the meta device, blocks checkpointed as the strategies do it."""
     with torch.device("meta"):
         model = recipe.build_model()
@@ -161,7 +165,7 @@ def _data_parallel(cfg: Config, recipe: Any, sample: Any, world_size: int) -> Ra
 
     def make() -> tuple[Any, dict[str, Any]]:
         with fake_mode():
-            model = materialize(_build(recipe, train.activation_checkpointing))
+            model = materialize(build_meta_model(recipe, train.activation_checkpointing))
             batch = fake_batch(sample, train.micro_batch_size)
             forward = model_forward(recipe.loss, compiled=train.compile_on)
             trace = trace_step(
@@ -196,7 +200,7 @@ def _pipeline(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[l
     num_stages = dims.pp * per_rank
     layout = block_layout(recipe)
     micro = train.micro_batch_size // p.num_microbatches
-    meta_model = _build(recipe, False)
+    meta_model = build_meta_model(recipe, False)
     specs = plan_stages(meta_model, layout, num_stages, p.split_points)
     # Each stage's input (shape, dtype): run the stages on the meta device, nothing allocated.
     whole = ModelPart(meta_model, layout, specs)
@@ -214,7 +218,7 @@ def _pipeline(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[l
 
         def make(held=held) -> Any:
             with fake_mode():
-                model = _build(recipe, train.activation_checkpointing)
+                model = build_meta_model(recipe, train.activation_checkpointing)
                 part = materialize(ModelPart(model, layout, held))
                 stages = [StageModule(part, layout, spec) for spec in held]
                 batch, inputs = _stage_inputs(sample, micro, held, boundary)
@@ -304,7 +308,7 @@ def _checkpointing_notes(cfg, recipe, batch, forward, traced, amp) -> dict[str, 
     if block_layout(recipe) is None:
         return notes
     other = trace_forward_activations(
-        materialize(_build(recipe, not on)), forward, batch, amp, cfg.train.compile_on
+        materialize(build_meta_model(recipe, not on)), forward, batch, amp, cfg.train.compile_on
     )
     with_ac, without_ac = (traced, other) if on else (other, traced)
     notes.update(

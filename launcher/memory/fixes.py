@@ -10,7 +10,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from launcher.config import Config, DDPConfig, PipelineConfig, Precision
+from launcher.config import Config, DDPConfig, FSDPConfig, NoCommHookConfig, PipelineConfig, Precision
 from launcher.errors import ConfigError
 from launcher.memory.estimate import Estimate, estimate
 from launcher.recipe import block_layout
@@ -33,7 +33,7 @@ class Fix:
 
 def candidate_changes(cfg: Config, recipe_class: type, world_size: int) -> list[Change]:
     """Changes that keep the global batch and the model: checkpointing, smaller micro-batches with
-    more accumulation, bf16, more pipeline stages. Only those that pass validation."""
+    more accumulation, bf16, more pipeline stages, sharding (FSDP). Only those that pass validation."""
     train, changes = cfg.train, []
     if not train.activation_checkpointing and block_layout(recipe_class) is not None:
         changes.append(
@@ -55,7 +55,16 @@ def candidate_changes(cfg: Config, recipe_class: type, world_size: int) -> list[
         def to_pipeline(c: Config) -> None:
             c.parallel = PipelineConfig(pp=2)
 
+        def to_fsdp(c: Config) -> None:
+            c.parallel = FSDPConfig()
+            c.comm_hook = NoCommHookConfig()
+
         changes.append((["parallel=pipeline", "parallel.pp=2"], to_pipeline))
+        changes.append((["parallel=fsdp", "comm_hook=none"], to_fsdp))
+    elif isinstance(cfg.parallel, FSDPConfig) and not cfg.parallel.reshard_after_forward:
+        changes.append(
+            (["parallel.reshard_after_forward=true"], _set("parallel", "reshard_after_forward", True))
+        )
     return [change for change in changes if _valid(cfg, change, recipe_class, world_size)]
 
 

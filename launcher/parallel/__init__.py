@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from launcher.config import Config, DDPConfig, PipelineConfig
+from launcher.config import Config, DDPConfig, FSDPConfig, PipelineConfig
 from launcher.dist import DistSession
 from launcher.precision import MixedPrecision
 
@@ -37,7 +37,17 @@ class Strategy(Protocol):
     comm_hook: Any
     """The CommHook on the data-parallel group, or None (plain all-reduce, or no DP peers)."""
     comm_stats: Any
-    """CommStats (bytes all-reduced per step), or None without data-parallel peers."""
+    """CommStats (bytes all-reduced per step; FSDPCommStats: also all-gathered and reduce-scattered),
+    or None without data-parallel peers."""
+    sharded_checkpoint: bool
+    """Model and optimizer are saved with torch.distributed.checkpoint (every rank its shards) instead
+    of one torch.save file per shard."""
+    eval_in_lockstep: bool
+    """Evaluation forwards are collectives (FSDP all-gathers): every rank must run as many of them."""
+    times_exposed_comm: bool
+    """Whether time_comm_s (gradient communication backward did not hide) can be measured."""
+    param_device: torch.device
+    """Where parameters and the optimizer step live: the rank's device, or the CPU under FSDP offload."""
 
     def forward_backward(self, micro_batches: list[Batch], amp: MixedPrecision) -> torch.Tensor:
         """Accumulate gradients over the micro-batches with the recipe's loss (the strategy took it from
@@ -55,10 +65,12 @@ class Strategy(Protocol):
 
 def build_strategy(cfg: Config, recipe: Any, session: DistSession) -> Strategy:
     from launcher.parallel.ddp import DDPStrategy
+    from launcher.parallel.fsdp import FSDPStrategy
     from launcher.parallel.pipeline import PipelineStrategy
 
     strategies: dict[type, Callable[..., Strategy]] = {
         DDPConfig: DDPStrategy,
+        FSDPConfig: FSDPStrategy,
         PipelineConfig: PipelineStrategy,
     }
     return strategies[type(cfg.parallel)](cfg, recipe, session)
@@ -70,3 +82,12 @@ def check_parallel(cfg: Config, recipe_class: type, world_size: int) -> None:
         from launcher.parallel.pipeline import check_pipeline
 
         check_pipeline(cfg, recipe_class, world_size)
+    if isinstance(cfg.parallel, FSDPConfig):
+        from launcher.parallel.fsdp import check_fsdp
+
+        check_fsdp(cfg, recipe_class, world_size)
+
+
+def needs_process_group(cfg: Config) -> bool:
+    """FSDP runs over a device mesh even on one rank (a one-rank group: its collectives are copies)."""
+    return isinstance(cfg.parallel, FSDPConfig)

@@ -29,6 +29,9 @@ class DDPStrategy:
         self.shard, self.writes_shared_state = "", session.is_main
         self.model_parallel_size = 1
         self.layout_id = "parallel=ddp"
+        self.sharded_checkpoint = self.eval_in_lockstep = False
+        self.times_exposed_comm = True
+        self.param_device = session.device
         torch.manual_seed(cfg.train.seed)  # the same init on every rank, and as in a 1-process run
         model = convert_to_fp8(
             recipe.build_model(), cfg.precision, head=getattr(block_layout(recipe), "post", None)

@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from launcher.activation_checkpointing import checkpoint_blocks
-from launcher.config import Config, PipelineConfig, Precision
+from launcher.config import Config, FSDPDtype, PipelineConfig, Precision
 from launcher.dist import DistSession
 from launcher.errors import ConfigError
 from launcher.fp8 import convert_to_fp8
@@ -26,6 +28,14 @@ from launcher.parallel import Batch, LossFn
 from launcher.parallel.comm_hooks import CommStats, build_comm_hook
 from launcher.parallel.dims import ParallelDims
 from launcher.parallel.eval_chain import EvalChain
+from launcher.parallel.fsdp import (
+    FSDPCommStats,
+    ShardDims,
+    check_no_comm_hook,
+    full_tensor,
+    mp_policy,
+    unit_numels,
+)
 from launcher.parallel.grad_reduce import GradReducer
 from launcher.parallel.split import ModelPart, StageModule, plan_stages, stage_ids_for_rank
 from launcher.precision import MixedPrecision
@@ -66,6 +76,16 @@ def check_pipeline(cfg: Config, recipe_class: type, world_size: int) -> None:
     dims = ParallelDims.resolve(p.pp, p.dp, world_size)
     per_rank = stages_per_rank(p)
     num_stages = dims.pp * per_rank
+    if p.dp_shard < 1 or dims.dp % p.dp_shard:
+        divisors = [d for d in range(1, dims.dp + 1) if dims.dp % d == 0]
+        raise ConfigError(
+            "parallel.dp_shard",
+            p.dp_shard,
+            f"does not divide parallel.dp={dims.dp} (each stage's data-parallel ranks)",
+            f"use one of {divisors}",
+        )
+    if p.dp_shard > 1:
+        check_no_comm_hook(cfg, f"parallel.dp_shard={p.dp_shard} (stages sharded with FSDP)")
     if is_multi_stage(name) and per_rank < 2:
         raise ConfigError(
             "parallel.stages_per_rank",
@@ -140,14 +160,27 @@ class PipelineStrategy:
         p = cfg.parallel
         self.session = session
         dims = ParallelDims.resolve(p.pp, p.dp, session.world_size)
-        mesh = dims.build_mesh(session.device.type)
-        self.pp_group, self.dp_group = mesh["pp"].get_group(), mesh["dp"].get_group()
-        self.pp_rank, self.dp_rank, self.dp_size = (
-            mesh["pp"].get_local_rank(),
-            mesh["dp"].get_local_rank(),
-            dims.dp,
-        )
+        sharded = p.dp_shard > 1
+        if sharded:  # torchtitan's PP x FSDP: each stage's dp ranks as (replicate, shard) mesh axes
+            shard_dims = ShardDims(dims.dp // p.dp_shard, p.dp_shard)
+            mesh = init_device_mesh(
+                session.device.type,
+                (dims.pp, shard_dims.replicate, shard_dims.shard),
+                mesh_dim_names=("pp", "dp_replicate", "dp_shard"),
+            )
+            fsdp_mesh = mesh["dp_replicate", "dp_shard"] if shard_dims.replicate > 1 else mesh["dp_shard"]
+            self.pp_group, self.dp_group = mesh["pp"].get_group(), None
+            dp_rank = mesh["dp_replicate"].get_local_rank() * p.dp_shard + mesh["dp_shard"].get_local_rank()
+        else:
+            mesh = dims.build_mesh(session.device.type)
+            self.pp_group, self.dp_group = mesh["pp"].get_group(), mesh["dp"].get_group()
+            dp_rank = mesh["dp"].get_local_rank()
+        self.pp_rank, self.dp_rank, self.dp_size = mesh["pp"].get_local_rank(), dp_rank, dims.dp
         self.model_parallel_size = dims.pp
+        # Sharded stages: DCP checkpoints, and eval forwards that all-gather (so ranks run in lockstep).
+        self.sharded_checkpoint = self.eval_in_lockstep = sharded
+        self.times_exposed_comm = not sharded
+        self.param_device = session.device
         self.shard, self.writes_shared_state = f"_pp{self.pp_rank}", self.dp_rank == 0
         # What the checkpoint shards depend on (not dp: replicas hold the same state), as overrides.
         self.layout_id = (
@@ -176,6 +209,10 @@ class PipelineStrategy:
                 block.compile()
         self.has_first, self.has_last = plan[0].index in stage_ids, plan[-1].index in stage_ids
         stage_modules = {spec.index: StageModule(self.module, layout, spec) for spec in specs}
+        if sharded:
+            numels = unit_numels(self.module, None)  # one unit's worth of bytes: the stages' total
+            policy = mp_policy(cfg.precision, FSDPDtype.auto, FSDPDtype.auto)
+            self._shard_stages(stage_modules, fsdp_mesh, policy)
         stages = [
             PipelineStage(
                 stage_modules[spec.index], spec.index, num_stages, session.device, group=self.pp_group
@@ -197,7 +234,9 @@ class PipelineStrategy:
         )
         self.num_microbatches = p.num_microbatches
         params = list(self.module.parameters())
-        self.reducer = GradReducer(params, self.dp_group, p.bucket_cap_mb) if dims.dp > 1 else None
+        self.reducer = (
+            GradReducer(params, self.dp_group, p.bucket_cap_mb) if dims.dp > 1 and not sharded else None
+        )
         fp16 = cfg.precision.dtype == Precision.fp16
         self.comm_hook = build_comm_hook(cfg.comm_hook, self.dp_group, guard_overflow=fp16)
         if self.comm_hook is not None and self.reducer is None:
@@ -207,12 +246,28 @@ class PipelineStrategy:
             # Our buckets are fixed from the first step (DDP's are not: DDPStrategy._settle_buckets).
             self.reducer.register_comm_hook(self.comm_hook.state, self.comm_hook.hook)
         self.comm_stats = CommStats(self.comm_hook, params) if self.reducer is not None else None
+        if sharded:  # unsharded through each schedule step: one all-gather and one reduce-scatter per step
+            self.comm_stats = FSDPCommStats(
+                numels, set(), shard_dims, policy, cfg.train.grad_accum_steps, True
+            )
         self._step_losses: list[torch.Tensor] = []
         # The last stage's loss compiled on its own: the fp32 upcast and log-softmax fuse into the kernels
         # that read the logits (see with_loss.py); stages end at send/recv, so it cannot join the head.
         self._recipe_loss: LossFn = torch.compile(recipe.loss) if cfg.train.compile_on else recipe.loss
         self._amp: MixedPrecision | None = None
         self._divisor = 1
+
+    @staticmethod
+    def _shard_stages(stage_modules: dict[int, StageModule], mesh: Any, policy: Any) -> None:
+        """fully_shard each held pre, block and post, then each stage as its root. Parameters stay
+        unsharded through a schedule step (reshard_after_forward=False, as torchtitan under PP): each
+        micro-batch would otherwise all-gather them again. torch's PipelineStage sees an FSDP module and
+        reduce-scatters once per step, after the last micro-batch's backward."""
+        for stage in stage_modules.values():
+            for part in (stage.pre, *stage.blocks, stage.post):
+                if part is not None:
+                    fully_shard(part, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+            fully_shard(stage, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
     def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = self._recipe_loss(outputs, targets)
@@ -247,8 +302,8 @@ class PipelineStrategy:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.module.parameters() if p.grad is not None]
         # Norm over the whole model: sum the squares over the pipeline's stages (data-parallel replicas
-        # hold identical, already-averaged gradients).
-        squares = torch.nn.utils.get_total_norm([p.grad for p in params]).float() ** 2
+        # hold identical, already-averaged gradients; sharded stages' DTensor norms cover their shards).
+        squares = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params])).float() ** 2
         dist.all_reduce(squares, group=self.pp_group)
         total = squares.sqrt()
         if max_norm > 0:

@@ -83,8 +83,8 @@ def test_resume_refuses_a_different_parallel_layout(tmp_path):
     assert_ok(launch([*args, "parallel=pipeline", "parallel.num_microbatches=2", "train.stop_at_step=2"], tmp_path,
                      nproc=2))
     result = launch([*args, "parallel=ddp"], tmp_path, nproc=2)
-    assert result.returncode != 0
-    assert result.returncode == 2
+    assert result.returncode != 0  # torchrun itself exits 1 when its workers fail; they exit 2
+    assert "exitcode  : 2" in result.output
     assert "was saved with `parallel=pipeline parallel.pp=2 parallel.schedule=1f1b parallel.stages_per_rank=1`" in result.output
     assert "remove" not in result.output
 

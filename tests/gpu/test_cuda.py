@@ -29,3 +29,47 @@ def test_nccl_ddp_matches_one_gpu_fp32(tmp_path):
     assert_ok(single)
     assert "backend=nccl" in ddp.output
     assert relative_diff(ddp.model(), single.model()) < 1e-5
+
+
+def test_fsdp_one_rank_mesh_matches_one_process(tmp_path):
+    """parallel=fsdp on one GPU (a one-rank NCCL mesh: all-gathers and reduce-scatters are copies)
+    trains exactly as the plain model in fp32, and runs bf16 + compile + activation checkpointing."""
+    args = [*TINY_GPT, "train.steps=5", "optim.lr=3e-3", "optim.warmup_steps=2", "train.micro_batch_size=8"]
+    plain = launch(args, tmp_path, nproc=1, env=ENV, run_dir=tmp_path / "plain")
+    sharded = launch([*args, "parallel=fsdp"], tmp_path, nproc=1, env=ENV, run_dir=tmp_path / "fsdp")
+    assert_ok(plain)
+    assert_ok(sharded)
+    assert "backend=nccl" in sharded.output
+    for a, b in zip(sharded.train_lines(), plain.train_lines(), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert relative_diff(sharded.model(), plain.model()) < 1e-5
+    fast = [
+        *args,
+        "parallel=fsdp",
+        "precision=bf16",
+        "train.compile=true",
+        "train.activation_checkpointing=true",
+    ]
+    compiled = launch(fast, tmp_path, nproc=1, env=ENV, run_dir=tmp_path / "compiled")
+    assert_ok(compiled)
+    assert compiled.train_lines()[-1]["loss"] == pytest.approx(plain.train_lines()[-1]["loss"], rel=3e-2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_fsdp_matches_one_gpu_fp32_and_offloads(tmp_path):
+    args = [*TINY_GPT, "train.steps=5", "optim.lr=3e-3", "optim.warmup_steps=2", "parallel=fsdp"]
+    sharded = launch(
+        [*args, "train.micro_batch_size=4"], tmp_path, nproc=2, env=ENV, run_dir=tmp_path / "fsdp"
+    )
+    single = launch([*args, "train.micro_batch_size=8"], tmp_path, nproc=1, env=ENV, run_dir=tmp_path / "one")
+    offload = launch(
+        [*args, "train.micro_batch_size=4", "parallel.offload=true"],
+        tmp_path,
+        nproc=2,
+        env=ENV,
+        run_dir=tmp_path / "cpu",
+    )
+    for result in (sharded, single, offload):
+        assert_ok(result)
+    assert relative_diff(sharded.model(), single.model()) < 1e-5
+    assert relative_diff(offload.model(), single.model()) < 1e-5

@@ -132,7 +132,7 @@ def test_help_lists_groups_not_internals(tmp_path):
         [sys.executable, "-m", "launcher", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0
-    assert "parallel    ddp, pipeline" in result.stdout
+    assert "parallel    ddp, fsdp, pipeline" in result.stdout
     assert "schema" not in result.stdout
 
 

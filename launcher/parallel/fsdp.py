@@ -1,0 +1,332 @@
+"""Fully sharded data parallelism: PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+Every rank builds the whole model with the shared seed (so the initialisation equals a one-process
+run), then `fully_shard` is applied bottom-up, as torchtitan does: to `pre`, to each of the recipe's
+blocks and to `post` (each its own all-gather / reduce-scatter unit), then to the root, which takes
+whatever parameters are left. Each rank keeps 1/dp_shard of every parameter (a DTensor), of its
+gradient and of its optimizer state. Before a unit computes, its parameters are all-gathered (in
+`param_dtype`); after its backward, its gradients are reduce-scattered (in `reduce_dtype`) and, with
+hybrid sharding, all-reduced across the replica groups.
+
+Activation checkpointing and torch.compile apply per block before sharding (torchtitan's order), and
+the recipe's loss is compiled on its own so the logits' fp32 upcast fuses into its kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from launcher.activation_checkpointing import checkpoint_blocks
+from launcher.config import (
+    AdamWConfig,
+    Config,
+    FSDPConfig,
+    FSDPDtype,
+    NoCommHookConfig,
+    PrecisionConfig,
+    SGDConfig,
+)
+from launcher.dist import DistSession
+from launcher.errors import ConfigError
+from launcher.fp8 import convert_to_fp8
+from launcher.parallel import Batch
+from launcher.parallel.with_loss import WithLoss
+from launcher.precision import DTYPES, MixedPrecision
+from launcher.recipe import BlockLayout, block_layout, resolve_blocks
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+HOST_MEMORY_HEADROOM = 0.9
+"""Offload is refused when the sharded states would need more than this fraction of free host memory."""
+_NAMED = {FSDPDtype.fp32: torch.float32, FSDPDtype.bf16: torch.bfloat16, FSDPDtype.fp16: torch.float16}
+
+
+@dataclass(frozen=True)
+class ShardDims:
+    """dp_replicate x dp_shard = the ranks that share the data (the world, or a pipeline stage's dp)."""
+
+    replicate: int
+    shard: int
+
+    @classmethod
+    def resolve(cls, replicate: int, shard: int, ranks: int, prefix: str = "parallel") -> ShardDims:
+        """Degrees with shard=-1 filled in. Raises ConfigError naming the fields when they don't fit."""
+        divisors = [d for d in range(1, ranks + 1) if ranks % d == 0]
+        if replicate < 1 or ranks % replicate:
+            raise ConfigError(
+                f"{prefix}.dp_replicate",
+                replicate,
+                f"does not divide the {ranks} data-parallel ranks",
+                f"use one of {divisors}",
+            )
+        if shard == -1:
+            shard = ranks // replicate
+        if shard < 1 or shard * replicate != ranks:
+            raise ConfigError(
+                f"{prefix}.dp_shard",
+                shard,
+                f"dp_replicate x dp_shard = {replicate} x {shard} != {ranks} data-parallel ranks",
+                f"set {prefix}.dp_shard={ranks // replicate} or -1 (automatic), "
+                f"with dp_replicate one of {divisors}",
+            )
+        return cls(replicate, shard)
+
+    def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """Hybrid sharding is a 2-D mesh (replicate outer, shard inner: a group's ranks adjacent)."""
+        if self.replicate > 1:
+            return (self.replicate, self.shard), ("dp_replicate", "dp_shard")
+        return (self.shard,), ("dp_shard",)
+
+
+def mp_policy(precision: PrecisionConfig, param: FSDPDtype, reduce: FSDPDtype) -> MixedPrecisionPolicy:
+    """Parameter (compute) and reduction dtypes: auto follows `precision=`; reductions default to fp32."""
+    param_dtype = DTYPES[precision.dtype] if param == FSDPDtype.auto else _NAMED[param]
+    reduce_dtype = torch.float32 if reduce == FSDPDtype.auto else _NAMED[reduce]
+    if param_dtype in (None, torch.float32) and reduce_dtype == torch.float32:
+        return MixedPrecisionPolicy()  # everything fp32: no casts at all
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def shard_units(
+    model: nn.Module,
+    layout: BlockLayout | None,
+    mesh: DeviceMesh,
+    policy: MixedPrecisionPolicy,
+    offload: bool,
+    reshard_after_forward: bool,
+) -> list[tuple[str, nn.Module, bool]]:
+    """fully_shard pre, each block, post, then the root; returns (name, module, reshards after forward)
+    per unit, in forward order.
+
+    The last block and `post` never reshard after forward: backward needs them first (torchtitan).
+    """
+    kwargs: dict[str, Any] = dict(
+        mesh=mesh, mp_policy=policy, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy()
+    )
+    units: list[tuple[str, nn.Module, bool]] = []
+    if layout is not None:
+        blocks = resolve_blocks(model, layout)
+        units.append((layout.pre, model.get_submodule(layout.pre), reshard_after_forward))
+        for i, block in enumerate(blocks):
+            last = i == len(blocks) - 1
+            units.append((f"{layout.blocks}.{i}", block, reshard_after_forward and not last))
+        units.append((layout.post, model.get_submodule(layout.post), False))
+    for _, module, reshard in units:
+        fully_shard(module, reshard_after_forward=reshard, **kwargs)
+    fully_shard(model, reshard_after_forward=False, **kwargs)  # the root: what is left
+    return [("root", model, False), *units]
+
+
+def unit_numels(model: nn.Module, layout: BlockLayout | None) -> dict[str, int]:
+    """Parameters per all-gather unit (before sharding), keyed as shard_units names them."""
+    seen: set[int] = set()
+    numels: dict[str, int] = {}
+    parts: list[tuple[str, nn.Module]] = []
+    if layout is not None:
+        parts.append((layout.pre, model.get_submodule(layout.pre)))
+        parts += [(f"{layout.blocks}.{i}", b) for i, b in enumerate(resolve_blocks(model, layout))]
+        parts.append((layout.post, model.get_submodule(layout.post)))
+    parts.append(("root", model))
+    for name, module in parts:
+        fresh = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in fresh)
+        numels[name] = sum(p.numel() for p in fresh)
+    return numels
+
+
+class FSDPCommStats:
+    """Payload bytes this rank's collectives carry per optimizer step (all-gather output, reduce-scatter
+    input: the unsharded size; all-reduce across replicas: the shard), in closed form from the units."""
+
+    def __init__(
+        self,
+        numels: dict[str, int],
+        resharded: set[str],
+        dims: ShardDims,
+        policy: MixedPrecisionPolicy,
+        micro_steps: int,
+        reduce_every_micro_step: bool,
+    ) -> None:
+        param_bytes = (policy.param_dtype or torch.float32).itemsize
+        reduce_bytes = (policy.reduce_dtype or policy.param_dtype or torch.float32).itemsize
+        total = sum(numels.values())
+        regathered = sum(n for name, n in numels.items() if name in resharded)
+        syncs = micro_steps if reduce_every_micro_step else 1
+        sharded = dims.shard > 1
+        self.record = {
+            # Every unit is gathered for each micro-step's forward, resharded ones again for its backward.
+            "allgather_bytes": micro_steps * (total + regathered) * param_bytes if sharded else 0,
+            "reduce_scatter_bytes": syncs * total * reduce_bytes if sharded else 0,
+        }
+        if dims.replicate > 1:  # hybrid: each group's reduced shard is then averaged across the groups
+            self.record["allreduce_bytes"] = syncs * -(-total // dims.shard) * reduce_bytes
+
+    def step(self, steps: int = 1) -> dict[str, float]:
+        return dict(self.record)
+
+
+def check_fsdp(cfg: Config, recipe_class: type, world_size: int) -> None:
+    """FSDP-specific config checks, before any process group exists. Raises ConfigError."""
+    p = cfg.parallel
+    ShardDims.resolve(p.dp_replicate, p.dp_shard, world_size)
+    check_no_comm_hook(cfg, "parallel=fsdp")
+    if p.offload:
+        check_offload_memory(cfg, recipe_class, ShardDims.resolve(p.dp_replicate, p.dp_shard, world_size))
+
+
+def check_no_comm_hook(cfg: Config, where: str) -> None:
+    if not isinstance(cfg.comm_hook, NoCommHookConfig):
+        name = type(cfg.comm_hook).__name__.removesuffix("CommHookConfig").removesuffix("Config").lower()
+        raise ConfigError(
+            "comm_hook",
+            name,
+            f"is not supported with {where}: comm hooks compress DDP's all-reduce buckets, and FSDP "
+            "reduce-scatters sharded gradients instead",
+            "use comm_hook=none; for half the reduce-scatter bytes, parallel.reduce_dtype=bf16 "
+            "(parallel=fsdp)",
+        )
+
+
+def optimizer_state_bytes_per_param(optim: Any) -> int:
+    if isinstance(optim, AdamWConfig):
+        return 8  # exp_avg + exp_avg_sq, fp32
+    if isinstance(optim, SGDConfig) and optim.momentum > 0:
+        return 4
+    return 0
+
+
+def host_memory_available() -> int:
+    """MemAvailable from /proc/meminfo (what the kernel can give without swapping), in bytes."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_offload_memory(cfg: Config, recipe_class: type, dims: ShardDims) -> None:
+    """Offloaded shards (fp32 parameters, gradients, optimizer state) of every rank on this node must fit
+    in its free host memory."""
+    with torch.device("meta"):
+        model = recipe_class(cfg.recipe).build_model()
+    numel = sum(p.numel() for p in model.parameters())
+    per_param = 4 + 4 + optimizer_state_bytes_per_param(cfg.optim)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = local_ranks * -(-numel // dims.shard) * per_param
+    available = host_memory_available()
+    if needed > available * HOST_MEMORY_HEADROOM:
+        raise ConfigError(
+            "parallel.offload",
+            True,
+            f"the {local_ranks} rank(s) on this node would keep {needed / GIB:.1f} GiB of sharded "
+            f"parameters, gradients and optimizer state in host memory ({numel / 1e9:.2f}B parameters x "
+            f"{per_param} bytes / dp_shard={dims.shard}); {available / GIB:.1f} GiB is available",
+            "shard over more ranks (more nodes, parallel.dp_shard), or parallel.offload=false",
+        )
+
+
+class FSDPStrategy:
+    def __init__(self, cfg: Config, recipe: Any, session: DistSession) -> None:
+        p: FSDPConfig = cfg.parallel
+        self.session = session
+        self.dims = ShardDims.resolve(p.dp_replicate, p.dp_shard, session.world_size)
+        shape, names = self.dims.mesh_shape()
+        self.mesh = init_device_mesh(session.device.type, shape, mesh_dim_names=names)
+        self.dp_rank, self.dp_size = session.rank, session.world_size
+        self.shard, self.writes_shared_state = "", False  # DCP: every rank writes its own shards
+        self.sharded_checkpoint = True
+        self.eval_in_lockstep = True  # eval forwards all-gather: every rank must run as many
+        self.times_exposed_comm = False  # hooks on sharded gradients fire after the reduce-scatter
+        self.model_parallel_size = 1
+        self.layout_id = "parallel=fsdp"  # not the degrees: DCP reshards on load
+        self.param_device = torch.device("cpu") if p.offload else session.device
+        layout = block_layout(recipe)
+        if layout is None:
+            log.warning(
+                "recipe %s declares no blocks (`layout`): the whole model is one FSDP unit, gathered "
+                "at once (no memory saved while it computes)",
+                type(recipe).__name__,
+            )
+        torch.manual_seed(cfg.train.seed)  # the same init on every rank, and as in a 1-process run
+        model = convert_to_fp8(recipe.build_model(), cfg.precision, head=layout.post if layout else None)
+        numels = unit_numels(model, layout)
+        if layout is not None:
+            blocks = list(resolve_blocks(model, layout))
+            if cfg.train.activation_checkpointing:
+                checkpoint_blocks(blocks)
+            if cfg.train.compile_on:  # per block, before sharding (torchtitan): FSDP's hooks stay eager
+                for module in (model.get_submodule(layout.pre), *blocks, model.get_submodule(layout.post)):
+                    module.compile()
+        self.policy = mp_policy(cfg.precision, p.param_dtype, p.reduce_dtype)
+        self.units = shard_units(model, layout, self.mesh, self.policy, p.offload, p.reshard_after_forward)
+        self.module = model
+        self.reduce_every_micro_step = p.reduce_every_micro_step
+        # The loss compiled on its own: the logits' upcast and log-softmax fuse (see with_loss.py).
+        loss = torch.compile(recipe.loss) if cfg.train.compile_on else recipe.loss
+        self.model = WithLoss(model, loss)
+        self.comm_hook = None
+        self.comm_stats = (
+            FSDPCommStats(
+                numels,
+                {name for name, _, reshards in self.units if reshards},
+                self.dims,
+                self.policy,
+                cfg.train.grad_accum_steps,
+                p.reduce_every_micro_step,
+            )
+            if session.world_size > 1
+            else None
+        )
+
+    def forward_backward(self, micro_batches: list[Batch], amp: MixedPrecision) -> torch.Tensor:
+        total = torch.zeros((), device=self.session.device)
+        n = len(micro_batches)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            # All micro-steps but the last keep unsharded gradients and skip the reduce-scatter (and the
+            # replicas' all-reduce), as DDP's no_sync; the last reduces the accumulated sum once.
+            self.module.set_requires_gradient_sync(i == n - 1 or self.reduce_every_micro_step)
+            with amp.autocast():
+                loss = self.model(inputs, targets) / n
+            amp.scale(loss).backward()
+            total += loss.detach()
+        return total
+
+    def eval_forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        return self.module(inputs)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return clip_sharded(self.module.parameters(), max_norm).to(self.session.device)
+
+    def mean_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.session.all_reduce(loss.detach().clone(), "avg")
+
+
+def clip_sharded(parameters: Any, max_norm: float) -> torch.Tensor:
+    """The global gradient norm over sharded (DTensor) gradients, clipped if max_norm > 0; a plain tensor.
+
+    DTensor computes each shard's partial norm and reduces it over the mesh, so the norm is the whole
+    model's (replicas of a hybrid mesh hold equal, already-reduced shards and are not counted twice).
+    """
+    params = [p for p in parameters if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return full_tensor(norm)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -1,0 +1,88 @@
+"""FSDP's pieces in one process: degrees, dtypes, byte counts, and a DCP index that cannot run code."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.checkpoint import CheckpointError
+from launcher.config import FSDPDtype, Precision, PrecisionConfig
+from launcher.errors import ConfigError
+from launcher.parallel.fsdp import FSDPCommStats, ShardDims, mp_policy
+from launcher.sharded_checkpoint import SHARDED_DIR, SafePlanner, saved_shapes
+
+
+def test_shard_dims_fill_in_and_refuse():
+    assert ShardDims.resolve(1, -1, 8) == ShardDims(1, 8)
+    assert ShardDims.resolve(2, -1, 8) == ShardDims(2, 4)
+    assert ShardDims.resolve(2, 4, 8).mesh_shape() == ((2, 4), ("dp_replicate", "dp_shard"))
+    assert ShardDims.resolve(1, 8, 8).mesh_shape() == ((8,), ("dp_shard",))
+    with pytest.raises(ConfigError, match="parallel.dp_shard=3"):
+        ShardDims.resolve(1, 3, 8)
+    with pytest.raises(ConfigError, match="parallel.dp_replicate=3"):
+        ShardDims.resolve(3, -1, 8)
+
+
+def test_mixed_precision_follows_precision_unless_set():
+    def policy(precision, param=FSDPDtype.auto, reduce=FSDPDtype.auto):
+        p = mp_policy(PrecisionConfig(dtype=Precision(precision)), param, reduce)
+        return p.param_dtype, p.reduce_dtype
+
+    assert policy("fp32") == (None, None)
+    assert policy("bf16") == (torch.bfloat16, torch.float32)
+    assert policy("fp16") == (torch.float16, torch.float32)
+    assert policy("fp8") == (torch.bfloat16, torch.float32)
+    assert policy("bf16", reduce=FSDPDtype.bf16) == (torch.bfloat16, torch.bfloat16)
+    assert policy("fp32", param=FSDPDtype.bf16) == (torch.bfloat16, torch.float32)
+
+
+def test_comm_bytes_per_step():
+    numels = {"root": 0, "pre": 100, "blocks.0": 50, "blocks.1": 50, "post": 100}
+    policy = mp_policy(PrecisionConfig(dtype=Precision.bf16), FSDPDtype.auto, FSDPDtype.auto)
+    # ZeRO-3, 2 micro-steps, accumulate unsharded: gather all (300) + the resharded ones (150) per
+    # micro-step in bf16; one fp32 reduce-scatter of everything.
+    stats = FSDPCommStats(numels, {"pre", "blocks.0"}, ShardDims(1, 4), policy, 2, False)
+    assert stats.step() == {"allgather_bytes": 2 * 450 * 2, "reduce_scatter_bytes": 300 * 4}
+    hybrid = FSDPCommStats(numels, set(), ShardDims(2, 4), policy, 2, True)
+    assert hybrid.step() == {
+        "allgather_bytes": 2 * 300 * 2,
+        "reduce_scatter_bytes": 2 * 300 * 4,
+        "allreduce_bytes": 2 * 75 * 4,  # each group's shard, across the 2 replicas
+    }
+    assert FSDPCommStats(numels, set(), ShardDims(2, 1), policy, 1, False).step()["allgather_bytes"] == 0
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("PWNED",))
+
+
+def test_a_planted_checkpoint_index_is_refused_not_unpickled(tmp_path: Path, capsys):
+    index = tmp_path / SHARDED_DIR / ".metadata"
+    index.parent.mkdir()
+    index.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError, match="refused to load .*builtins.print is not allowed"):
+        saved_shapes(tmp_path)
+    assert "PWNED" not in capsys.readouterr().out
+
+
+def test_non_tensor_values_load_with_weights_only():
+    planner = SafePlanner(flatten_state_dict=False)
+    planner.state_dict = {}
+
+    class Item:
+        class dest_index:  # noqa: N801 - the shape of DCP's ReadItem
+            fqn = "optim.param_groups"
+
+    safe = io.BytesIO()
+    torch.save([{"lr": 0.1, "betas": (0.9, 0.95)}], safe)
+    safe.seek(0)
+    planner.load_bytes(Item, safe)
+    assert planner.state_dict["optim.param_groups"] == [{"lr": 0.1, "betas": (0.9, 0.95)}]
+    evil = io.BytesIO(pickle.dumps(Exploit(), protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(Item, evil)
