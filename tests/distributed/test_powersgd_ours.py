@@ -16,7 +16,7 @@ pytestmark = pytest.mark.dist
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    """One torchrun of tests/dist/powersgd_worker.py; its JSON of differences, judged below."""
+    """One torchrun of tests/distributed/powersgd_worker.py; its JSON of differences, judged below."""
     out = tmp_path_factory.mktemp("powersgd") / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
@@ -25,7 +25,7 @@ def compared(tmp_path_factory):
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(REPO / "tests/dist/powersgd_worker.py"),
+        str(REPO / "tests/distributed/powersgd_worker.py"),
         str(out),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
