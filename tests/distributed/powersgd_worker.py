@@ -71,7 +71,9 @@ ONE_LAYER = GPTModelConfig(vocab_size=256, seq_len=16, d_model=32, n_layers=1, n
 TWO_LAYERS = GPTModelConfig(vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=2)
 
 
-def ddp_run(state, hook, cfg: GPTModelConfig = ONE_LAYER, compressed_steps: int = 2) -> list[list[torch.Tensor]]:
+def ddp_run(
+    state, hook, cfg: GPTModelConfig = ONE_LAYER, compressed_steps: int = 2
+) -> list[list[torch.Tensor]]:
     net = model(cfg)
     ddp = DDP(net)  # one bucket: torch's hook mismatches gloo collectives over several
     idx = torch.randint(0, 256, (2, cfg.seq_len), generator=torch.Generator().manual_seed(dist.get_rank()))

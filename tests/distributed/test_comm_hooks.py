@@ -44,9 +44,17 @@ def test_powersgd_at_full_rank_reproduces_exact_allreduce(tmp_path):
     the batch) becomes full-size updates (1.5e-2)."""
     sgd = ["optim=sgd", "optim.lr=0.1"]
     plain = run(tmp_path, "plain", *sgd)
-    full_rank = run(tmp_path, "powersgd", *sgd, "comm_hook=powersgd", "comm_hook.rank=32",  # d_model=32
-                    "comm_hook.min_compression_rate=1e-9", "comm_hook.start_iter=0",
-                    "comm_hook.error_feedback=false", "comm_hook.warm_start=false")
+    full_rank = run(
+        tmp_path,
+        "powersgd",
+        *sgd,
+        "comm_hook=powersgd",
+        "comm_hook.rank=32",  # d_model=32
+        "comm_hook.min_compression_rate=1e-9",
+        "comm_hook.start_iter=0",
+        "comm_hook.error_feedback=false",
+        "comm_hook.warm_start=false",
+    )
     assert relative_diff(full_rank.model(), plain.model()) < 1e-5
     assert full_rank.train_lines()[-1]["compression_ratio"] < 1  # full-rank factors are larger than M
     low_rank = run(tmp_path, "low", *sgd, "comm_hook=powersgd", "comm_hook.rank=1", "comm_hook.start_iter=2")
@@ -55,10 +63,18 @@ def test_powersgd_at_full_rank_reproduces_exact_allreduce(tmp_path):
 
 
 def test_start_iter_counts_optimizer_steps_under_accumulation(tmp_path):
-    result = run(tmp_path, "accum", "comm_hook=powersgd", "comm_hook.start_iter=3", "train.grad_accum_steps=3",
-                 "train.micro_batch_size=2")
+    result = run(
+        tmp_path,
+        "accum",
+        "comm_hook=powersgd",
+        "comm_hook.start_iter=3",
+        "train.grad_accum_steps=3",
+        "train.micro_batch_size=2",
+    )
     ratios = [m["compression_ratio"] for m in result.train_lines()]
-    assert ratios[:3] == [1.0, 1.0, 1.0] and all(r > 1 for r in ratios[3:])  # steps 1-3 plain, then compressed
+    assert ratios[:3] == [1.0, 1.0, 1.0] and all(
+        r > 1 for r in ratios[3:]
+    )  # steps 1-3 plain, then compressed
     for rank in (0, 1):
         state = result.model(name=f"rank_{rank}.pt")["comm_hook"]
         assert state["iter"] == 5  # one per optimizer step, not per micro-step (15), warm-up not counted
@@ -69,8 +85,15 @@ def test_start_iter_counts_optimizer_steps_under_accumulation(tmp_path):
 
 def test_fp16_overflow_skips_step_without_poisoning_powersgd(tmp_path):
     """Skipped fp16 steps bypass PowerSGD: its state stays finite and its step count excludes them."""
-    result = run(tmp_path, "fp16", "train.steps=8", "precision=fp16", "precision.init_scale=1099511627776",
-                 "comm_hook=powersgd", "comm_hook.start_iter=2")
+    result = run(
+        tmp_path,
+        "fp16",
+        "train.steps=8",
+        "precision=fp16",
+        "precision.init_scale=1099511627776",
+        "comm_hook=powersgd",
+        "comm_hook.start_iter=2",
+    )
     lines = result.train_lines()
     skipped = lines[-1]["skipped_steps"]
     assert skipped >= 1 and math.isfinite(lines[-1]["loss"])
@@ -79,13 +102,23 @@ def test_fp16_overflow_skips_step_without_poisoning_powersgd(tmp_path):
     assert all(torch.isfinite(t).all() for t in state["error_dict"].values())
 
 
-@pytest.mark.parametrize("nproc,extra", [
-    (2, []),
-    (4, ["parallel=pipeline", "recipe.model.n_layers=4", "parallel.num_microbatches=2"]),
-], ids=["ddp", "pp2xdp2"])
+@pytest.mark.parametrize(
+    "nproc,extra",
+    [
+        (2, []),
+        (4, ["parallel=pipeline", "recipe.model.n_layers=4", "parallel.num_microbatches=2"]),
+    ],
+    ids=["ddp", "pp2xdp2"],
+)
 def test_powersgd_resume_is_bit_identical(tmp_path, nproc, extra):
-    args = ["train.steps=10", "comm_hook=powersgd", "comm_hook.rank=2", "comm_hook.start_iter=3",
-            "recipe.model.dropout=0.1", *extra]
+    args = [
+        "train.steps=10",
+        "comm_hook=powersgd",
+        "comm_hook.rank=2",
+        "comm_hook.start_iter=3",
+        "recipe.model.dropout=0.1",
+        *extra,
+    ]
     straight = run(tmp_path, "straight", *args, nproc=nproc)
     run(tmp_path, "resumed", *args, "train.stop_at_step=6", nproc=nproc)
     resumed = run(tmp_path, "resumed", *args, nproc=nproc)

@@ -110,7 +110,9 @@ def test_two_ranks_async_saves_then_resume_as_hybrid_two_by_two(reference, tmp_p
         run_dir=run_dir,
     )
     assert_ok(first)
-    assert "writing in the background" in first.output and "step_2 (written in the background)" in first.output
+    assert (
+        "writing in the background" in first.output and "step_2 (written in the background)" in first.output
+    )
     assert_matches(first, reference, steps={1, 2, 3, 4}, params_at=[2, 4])
     second = launch(
         [*ARGS, *FSDP, "parallel.dp_replicate=2", "parallel.dp_shard=2", "train.micro_batch_size=2"],

@@ -19,8 +19,12 @@ TOLERANCE = 1e-5
 
 
 def run(tmp_path, name, nproc, micro, accum=1, extra=()):
-    result = launch([*TINY_GPT, *STEPS, f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}",
-                     *extra], tmp_path, nproc=nproc, run_dir=tmp_path / name)
+    result = launch(
+        [*TINY_GPT, *STEPS, f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}", *extra],
+        tmp_path,
+        nproc=nproc,
+        run_dir=tmp_path / name,
+    )
     assert_ok(result)
     return result
 

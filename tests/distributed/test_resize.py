@@ -27,7 +27,9 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("before,after", [(2, 4), (4, 2)], ids=["2to4", "4to2"])
 def test_resume_on_another_world_size_equals_one_run(before, after, reference, tmp_path):
-    first = launch([*ARGS, f"train.micro_batch_size={8 // before}", "train.stop_at_step=3"], tmp_path, nproc=before)
+    first = launch(
+        [*ARGS, f"train.micro_batch_size={8 // before}", "train.stop_at_step=3"], tmp_path, nproc=before
+    )
     assert_ok(first)
     second = launch([*ARGS, f"train.micro_batch_size={8 // after}"], tmp_path, nproc=after)
     assert_ok(second)

@@ -12,8 +12,13 @@ from tests.conftest import TINY_GPT, assert_ok, launch
 pytestmark = pytest.mark.dist
 
 # Dropout on: the resumed run must also restore every RNG to draw the same masks.
-ARGS = [*TINY_GPT, "train.steps=20", "train.micro_batch_size=4", "recipe.model.dropout=0.1",
-        "optim.warmup_steps=5"]
+ARGS = [
+    *TINY_GPT,
+    "train.steps=20",
+    "train.micro_batch_size=4",
+    "recipe.model.dropout=0.1",
+    "optim.warmup_steps=5",
+]
 
 
 def assert_same_params(a: dict, b: dict) -> None:
