@@ -256,6 +256,49 @@ def _first_step_s(log: str) -> float | None:
 # --- comm-hook cost on a one-rank NCCL group -------------------------------------------------------
 
 
+def check_grads_match_plain(ddp, optimizer, x, y, name: str) -> None:
+    """One backward under no_sync (no hook) against one through the hook: the largest relative difference."""
+
+    def grads() -> list[torch.Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = ddp(x)
+        F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1)).backward()
+        return [p.grad.detach().clone() for p in ddp.parameters()]
+
+    with ddp.no_sync():
+        plain = grads()
+    hooked = grads()
+    optimizer.zero_grad(set_to_none=True)
+    worst = max(((h - p).norm() / p.norm().clamp_min(1e-30)).item() for h, p in zip(hooked, plain))
+    print(f"{name}: hooked grads vs plain, largest relative norm difference {worst:.2e}", file=sys.stderr)
+
+
+def direct_cast_hook(dtype: torch.dtype, side: bool):
+    """fp16/bf16 all-reduce that returns the half-precision result: DDP's own copy into .grad casts back."""
+    import torch.distributed as dist
+
+    wires: dict[int, torch.Tensor] = {}
+    stream = torch.cuda.Stream() if side else None
+
+    def hook(state, bucket):
+        buffer = bucket.buffer()
+        wire = wires.get(bucket.index())
+        if wire is None or wire.shape != buffer.shape:
+            wire = wires[bucket.index()] = torch.empty_like(buffer, dtype=dtype)
+        if stream is None:
+            torch.div(buffer, dist.get_world_size(), out=wire)
+            fut = dist.all_reduce(wire, async_op=True).get_future()
+        else:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                torch.div(buffer, dist.get_world_size(), out=wire)
+                fut = dist.all_reduce(wire, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    return hook
+
+
 def run_hook_cost(steps: int, only: list[str] | None = None) -> list[dict]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -291,6 +334,9 @@ def run_hook_cost(steps: int, only: list[str] | None = None) -> list[dict]:
         "fp16": lambda: build_comm_hook(FP16CommHookConfig(), None, False),
         # DDP's C++ fp16 hook: no Python callback per bucket (is the host side what costs?)
         "fp16_builtin": "builtin",
+        # Candidates: no cast back (DDP's copy of the bucket into .grad converts), cast on a side stream
+        "fp16_direct": lambda: (direct_cast_hook(torch.float16, side=False), None),
+        "fp16_direct_side": lambda: (direct_cast_hook(torch.float16, side=True), None),
         "bf16": lambda: build_comm_hook(BF16CommHookConfig(), None, False),
         "powersgd_r4_torch": lambda: build_comm_hook(
             PowerSGDConfig(**psgd, impl=PowerSGDImpl.torch), None, False
@@ -320,13 +366,18 @@ def run_hook_cost(steps: int, only: list[str] | None = None) -> list[dict]:
             made = make()
             hook, state = (made.hook, made.state) if hasattr(made, "hook") else made
             ddp.register_comm_hook(state, hook)
+        check_grads_match_plain(ddp, optimizer, x, y, name)
         step_s = time_steps(partial(hand_step, ddp, optimizer, x, y), warmup=5, steps=steps)
         results.append({"case": name, "step_time_s": step_s, "overhead": step_s / plain - 1})
         ddp = model = optimizer = None
     for a, b, label in (
-        (True, False, "graphs_vs_eager"),
-        (False, False, "eager_vs_eager"),
-        (True, True, "graphs_vs_graphs"),
+        ()
+        if only is not None
+        else (
+            (True, False, "graphs_vs_eager"),
+            (False, False, "eager_vs_eager"),
+            (True, True, "graphs_vs_graphs"),
+        )
     ):
         diff = graphs_agree_with_eager(x, y, ours(4, graphs=a), ours(4, graphs=b))
         results.append({**diff, "case": f"{label}_max_rel_param_diff"})

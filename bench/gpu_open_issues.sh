@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Device calls for the open GPU acceptance points (issues 20, 21, 24), each step bounded so one slow
+# bench cannot starve the rest. Outputs land in $OUT (or /tmp/gpu_out).
+# Usage on the GPU node, from the repo root, after installing the .whl wheels:
+#   bash bench/gpu_open_issues.sh fsdp hooks      # FSDP speed/memory/GPU tests, comm-hook variants (~8 min)
+#   bash bench/gpu_open_issues.sh heldout peaks   # held-out memory table, allocator peaks (~8 min)
+set -u
+out=${OUT:-/tmp/gpu_out}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$out/gpu.txt"
+step() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$out/$name.md" 2> "$out/$name.log"
+  echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$out/gpu.txt"
+  cat "$out/$name.md"; tail -4 "$out/$name.log"
+}
+for part in "$@"; do
+  case $part in
+    fsdp)
+      step fsdp_speed 260 python3 bench/bench_speed.py --steps 30 \
+        --cases launcher_compiled,launcher_fsdp_compiled,launcher_eager,launcher_fsdp_eager
+      step fsdp_memory 150 python3 bench/bench_memory.py --steps 4 --jobs 4 \
+        --only b_bf16_mb16,b_bf16_mb16_fsdp,b_bf16_mb16_ac_fsdp,b_fp32_mb8_fsdp_zero2_accum2
+      step gpu_tests 120 python3 -m pytest -q -x tests/gpu ;;
+    hooks)
+      step hooks 100 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
+        --hooks ddp_no_hook,fp16,fp16_builtin,fp16_direct,fp16_direct_side,powersgd_r4_ours ;;
+    heldout)
+      step heldout 330 python3 bench/bench_memory.py --suite heldout --jobs 6 --steps 4 --out "$out/heldout.jsonl" ;;
+    peaks)
+      step peaks 200 python3 bench/probe_peak.py gpt_compile_mb16 lstm_fp32_ac_mb32 conv_fp32_sgd_ac_mb64 ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+done
