@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from launcher.config import register_recipe_schema
+from launcher.config.schema import register_recipe_schema
 from launcher.errors import ConfigError
 
 
@@ -44,7 +44,7 @@ class Recipe(Protocol):
       - `tokens_per_sample: int` — throughput is then logged as tokens/s instead of samples/s.
       - `eval_metrics(outputs, targets) -> dict[str, Tensor]` — extra per-batch means for eval.
       - `generator(model) -> TextGenerator` — inference hook for text models, used by
-        `launcher.serve`/`launcher.generate` (see launcher/serve/engine.py). Without it a recipe is
+        `launcher.serve`/`launcher.generate` (see launcher/after/serve/engine.py). Without it a recipe is
         served tensor in, tensor out: `model(inputs)` on a batch of inputs shaped like its eval samples.
     """
 

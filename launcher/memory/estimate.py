@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from launcher.activation_checkpointing import checkpoint_blocks
-from launcher.config import Config, DDPConfig, FSDPConfig, PipelineConfig, PowerSGDConfig
+from launcher.config.schema import Config, DDPConfig, FSDPConfig, PipelineConfig, PowerSGDConfig
 from launcher.memory import fsdp
 from launcher.memory import parts as closed
 from launcher.memory.compiled import fused_loss
@@ -33,8 +32,9 @@ from launcher.memory.step_trace import (
     trace_forward_activations,
     trace_step,
 )
-from launcher.precision import DTYPES
 from launcher.recipe import block_layout, resolve_blocks
+from launcher.train.activation_checkpointing import checkpoint_blocks
+from launcher.train.precision import DTYPES
 
 GIB = 2**30
 

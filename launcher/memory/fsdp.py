@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.config import Config
+from launcher.config.schema import Config
 from launcher.memory.cuda_kernels import CudaKernels
 from launcher.memory.step_trace import (
     CATEGORIES,
@@ -43,9 +43,9 @@ from launcher.memory.step_trace import (
     model_forward,
 )
 from launcher.memory.trace import WORKSPACE, LiveBytes, allocated_bytes
-from launcher.optim import build_optimizer
-from launcher.precision import DTYPES
 from launcher.recipe import block_layout, resolve_blocks
+from launcher.train.optim import build_optimizer
+from launcher.train.precision import DTYPES
 
 GIB = 2**30
 GATHERED, UNSHARDED_GRADS, REDUCE = "all-gathered parameters", "unsharded gradients", "reduce-scatter buffers"
@@ -367,7 +367,7 @@ def shard_pipeline_ranks(cfg: Config, ranks: list[Any]) -> None:
     and reduce-scatter after the last); the stage's parameters are gathered (param_dtype) for the whole
     schedule step (reshard_after_forward=false) and autocast's copies of them vanish in bf16/fp16.
     """
-    from launcher.config import FSDPDtype
+    from launcher.config.schema import FSDPDtype
     from launcher.parallel.fsdp import mp_policy
 
     shard = cfg.parallel.dp_shard

@@ -2,8 +2,8 @@
 
 The recipe's model is built on the meta device and materialised as fake tensors (shapes and dtypes,
 no storage), so a 7B-shaped model costs no memory. The step is the launcher's own: the recipe's
-forward and loss under autocast, activation checkpointing as `launcher.activation_checkpointing`
-applies it, backward, and the optimizer `launcher.optim` builds (fused AdamW / foreach SGD, as on
+forward and loss under autocast, activation checkpointing as `launcher.train.activation_checkpointing`
+applies it, backward, and the optimizer `launcher.train.optim` builds (fused AdamW / foreach SGD, as on
 CUDA). Optimizer state is created first, so the traced step is a steady-state one.
 """
 
@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from launcher.config import OptimConfig
+from launcher.config.schema import OptimConfig
 from launcher.memory.caching_allocator import replay, training_order
 from launcher.memory.compiled import fused_loss, keep_what_compile_saves
 from launcher.memory.cuda_kernels import CudaKernels
 from launcher.memory.parts import CUBLAS_WORKSPACE_BYTES
 from launcher.memory.trace import WORKSPACE, LiveBytes, allocated_bytes
-from launcher.optim import build_optimizer
+from launcher.train.optim import build_optimizer
 
 CUDA = torch.device("cuda")
 # Trace categories, in the order the estimate prints them.

@@ -13,9 +13,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from launcher.config import Config, DDPConfig, FSDPConfig, PipelineConfig
-from launcher.dist import DistSession
-from launcher.precision import MixedPrecision
+from launcher.config.schema import Config, DDPConfig, FSDPConfig, PipelineConfig
+from launcher.launch.dist import DistSession
+from launcher.train.precision import MixedPrecision
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -1,0 +1,9 @@
+"""After training: the model rebuilt from a run directory or an export, then exported or served.
+
+trained.py   a trained model back from a run directory (any parallel layout) or an export
+export.py    `python -m launcher.export`: prune, quantize, measure, write an export directory
+serve/       `python -m launcher.serve`: requests batched into the model over HTTP
+generate.py  `python -m launcher.generate`: the same engine and batches, offline
+
+Nothing in train/ imports from here: training does not depend on inference.
+"""
