@@ -3,6 +3,9 @@
 A recipe is any class with the attributes of `Recipe` below; it need not inherit from anything or
 import `torch.distributed`. Built-in recipes are listed in `recipes.BUILTIN`; any other is selected by
 import path on the command line: `recipe=my_pkg.my_module:MyRecipe`.
+
+The one module a recipe imports from the launcher: `BlockLayout` and `ConfigError` (re-exported from
+launcher.errors) for its own checks.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from launcher.config.schema import register_recipe_schema
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError as ConfigError  # re-exported: recipes need import only this module
 
 
 @dataclass(frozen=True)

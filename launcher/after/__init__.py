@@ -2,6 +2,7 @@
 
 trained.py   a trained model back from a run directory (any parallel layout) or an export
 export.py    `python -m launcher.export`: prune, quantize, measure, write an export directory
+quantize.py  int8 quantization of Linear layers: applied by export, rebuilt by trained.py
 serve/       `python -m launcher.serve`: requests batched into the model over HTTP
 generate.py  `python -m launcher.generate`: the same engine and batches, offline
 

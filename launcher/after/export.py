@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, Subset
 
+from launcher.after.quantize import quantize_backend, quantize_int8
 from launcher.after.trained import EXPORT_META, EXPORT_MODEL, Trained, load_trained, parse_overrides
 from launcher.config.schema import ExportConfig, Quantize
 from launcher.errors import ConfigError
@@ -88,34 +89,6 @@ def prune_linear(model: nn.Module, amount: float, scope: str) -> None:
             prune.l1_unstructured(module, name, amount=amount)
     for module, name in targets:
         prune.remove(module, name)  # bake the mask into the weight; no mask buffers in the artifact
-
-
-def quantize_backend() -> str:
-    try:
-        import torchao.quantization  # noqa: F401
-    except ImportError:
-        return "torch.ao"
-    return "torchao"
-
-
-def prepare_for_weights(model: nn.Module, quantize: str, backend: str = "torchao") -> nn.Module:
-    """Give a freshly built model the structure of a `quantize`d export, so its state dict loads."""
-    if quantize == Quantize.int8_dynamic.value:
-        quantize_int8(model, backend)
-    return model
-
-
-def quantize_int8(model: nn.Module, backend: str) -> None:
-    """int8 dynamic quantization of every Linear layer, in place."""
-    if backend == "torchao":
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
-        quantize_(model, Int8DynamicActivationInt8WeightConfig())
-        return
-    # Fallback: deprecated in torch but still present (2.13); replaces Linear modules in place.
-    from torch.ao.quantization import quantize_dynamic
-
-    quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 # --- measurements ---------------------------------------------------------------------------------

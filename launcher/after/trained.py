@@ -5,7 +5,7 @@ Shared by `launcher.export`, `launcher.serve` and `launcher.generate`. A run dir
 parallel layout it was trained with (`model.pt`, or pipeline shards `model_pp<k>.pt` keyed by the
 whole model's parameter names, merged back, or FSDP's DCP shards in `sharded/`, gathered whole). An
 export directory (`export.json`, see launcher/after/export.py) is rebuilt the same way, quantized first
-when it was quantized.
+when it was quantized (launcher/after/quantize.py).
 
 Which recipe trained a run: the checkpoint's `meta.json` records it (`recipe`); older runs are
 matched against the built-in recipes by the keys of their saved config; `recipe=` on the command
@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
+from launcher.after.quantize import prepare_for_weights
 from launcher.errors import ConfigError, config_object, did_you_mean, one_of
 from launcher.recipe import load_recipe_class
 from launcher.train.checkpoint import CheckpointError, complete_checkpoints, load_file, read_meta, sha256
@@ -242,8 +243,6 @@ def _read_yaml(path: Path) -> DictConfig:
 
 
 def _load_export(path: Path) -> Trained:
-    from launcher.after.export import prepare_for_weights
-
     try:
         meta = json.loads((path / EXPORT_META).read_text())
         recipe_path, recipe_section = meta["recipe"], meta["recipe_config"]

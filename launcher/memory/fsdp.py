@@ -37,6 +37,7 @@ from launcher.memory.step_trace import (
     CUDA,
     _autocast,
     _create_optimizer_state,
+    build_meta_model,
     fake_batch,
     fake_mode,
     materialize,
@@ -47,7 +48,6 @@ from launcher.recipe import block_layout, resolve_blocks
 from launcher.train.optim import build_optimizer
 from launcher.train.precision import DTYPES
 
-GIB = 2**30
 GATHERED, UNSHARDED_GRADS, REDUCE = "all-gathered parameters", "unsharded gradients", "reduce-scatter buffers"
 # Trace tags -> the estimate's part names (sharded states say so).
 NAMES = {
@@ -249,8 +249,6 @@ def units_of(
 
 def trace_sharded_step(cfg: Config, recipe: Any, sample: Any, s: Sharding) -> dict[str, Any]:
     """The weighted peak of one optimizer step (min(accumulation, 2) micro-steps) under FSDP."""
-    from launcher.memory.estimate import build_meta_model  # noqa: PLC0415 - estimate imports this module
-
     train, amp = cfg.train, DTYPES[cfg.precision.dtype]
     micro_steps = min(train.grad_accum_steps, 2)
     meta = build_meta_model(recipe, train.activation_checkpointing)
@@ -329,34 +327,6 @@ def trace_sharded_step(cfg: Config, recipe: Any, sample: Any, s: Sharding) -> di
             "units": sum(1 for _, _, n, _ in units if n),
             "largest_unit": largest,
         }
-
-
-def fsdp_ranks(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[list[Any], str]:
-    """Every rank of a parallel=fsdp run holds the same: one column."""
-    from launcher.memory import estimate as est
-
-    s = sharding_of(cfg, world_size)
-    traced = est._cached(est._trace_key(cfg, "fsdp", s), lambda: trace_sharded_step(cfg, recipe, sample, s))
-    parts = {name: traced["at_peak"].get(name, 0) for name in ORDER if name in traced["at_peak"]}
-    parts.update(traced["at_peak"])
-    est._common_parts(cfg, parts)
-    per_rank = -(-traced["parameters"] // s.shard)
-    notes: dict[str, Any] = {
-        "sharding": f"dp_shard={s.shard} x dp_replicate={s.replicate}",
-        "FSDP units (all-gathered one by one)": traced["units"],
-        "largest unit GiB (param_dtype)": round(traced["largest_unit"] * s.param_bytes / GIB, 3),
-        "activations per micro-batch GiB": round(traced["activations"] / GIB, 3),
-        "peak_phase": traced["peak_phase"],
-        "parameter bytes": per_rank * 4,
-        "gradient bytes": per_rank * 4,
-        "optimizer state bytes": -(-traced["optimizer_state"] // s.shard),
-    }
-    if s.offload:
-        notes["host bytes per rank (offloaded states)"] = per_rank * 8 + -(
-            -traced["optimizer_state"] // s.shard
-        )
-    layout = f"fsdp dp_shard={s.shard} dp_replicate={s.replicate}" + (" offload" if s.offload else "")
-    return [est.RankEstimate("every rank", parts, 0, 0, 0, notes)], layout
 
 
 def shard_pipeline_ranks(cfg: Config, ranks: list[Any]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,8 @@ from launcher.memory.compiled import fused_loss, keep_what_compile_saves
 from launcher.memory.cuda_kernels import CudaKernels
 from launcher.memory.parts import CUBLAS_WORKSPACE_BYTES
 from launcher.memory.trace import WORKSPACE, LiveBytes, allocated_bytes
+from launcher.recipe import block_layout, resolve_blocks
+from launcher.train.activation_checkpointing import checkpoint_blocks
 from launcher.train.optim import build_optimizer
 
 CUDA = torch.device("cuda")
@@ -92,6 +95,15 @@ def materialize(module: nn.Module) -> nn.Module:
             if b is not None:
                 sub._buffers[name] = fake(b, False)
     return module
+
+
+def build_meta_model(recipe: Any, checkpointing: bool):
+    """The recipe's model on the meta device, blocks checkpointed as the strategies do it."""
+    with torch.device("meta"):
+        model = recipe.build_model()
+    if checkpointing:
+        checkpoint_blocks(resolve_blocks(model, block_layout(recipe)), lambda: (nullcontext(), CudaKernels()))
+    return model
 
 
 def fake_batch(sample: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:

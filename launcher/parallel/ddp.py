@@ -11,8 +11,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launcher.config.schema import Config, Precision
 from launcher.launch.dist import DistSession
-from launcher.parallel import Batch
 from launcher.parallel.comm_hooks import CommStats, build_comm_hook
+from launcher.parallel.strategy import Batch
 from launcher.parallel.with_loss import WithLoss
 from launcher.recipe import block_layout, resolve_blocks
 from launcher.train.activation_checkpointing import checkpoint_blocks

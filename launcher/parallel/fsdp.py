@@ -35,7 +35,7 @@ from launcher.config.schema import (
 )
 from launcher.errors import ConfigError
 from launcher.launch.dist import DistSession
-from launcher.parallel import Batch
+from launcher.parallel.strategy import Batch
 from launcher.parallel.with_loss import WithLoss
 from launcher.recipe import BlockLayout, block_layout, resolve_blocks
 from launcher.train.activation_checkpointing import checkpoint_blocks

@@ -23,7 +23,6 @@ from launcher.config.schema import Config, FSDPDtype, PipelineConfig, Precision
 from launcher.errors import ConfigError
 from launcher.launch.dist import DistSession
 from launcher.observe.profile import phase
-from launcher.parallel import Batch, LossFn
 from launcher.parallel.comm_hooks import CommStats, build_comm_hook
 from launcher.parallel.dims import ParallelDims
 from launcher.parallel.eval_chain import EvalChain
@@ -37,6 +36,7 @@ from launcher.parallel.fsdp import (
 )
 from launcher.parallel.grad_reduce import GradReducer
 from launcher.parallel.split import ModelPart, StageModule, plan_stages, stage_ids_for_rank
+from launcher.parallel.strategy import Batch, LossFn
 from launcher.recipe import block_layout
 from launcher.train.activation_checkpointing import checkpoint_blocks
 from launcher.train.fp8 import convert_to_fp8

@@ -4,6 +4,7 @@ loop.py                      `train()` and `Trainer`: optimizer steps, logging, 
 state.py                     what a checkpoint holds for one rank, and how to put it back
 checkpoint.py                atomic, verified checkpoints; the resume choice; keep-last-k
 sharded_checkpoint.py        model and optimizer state with torch.distributed.checkpoint (FSDP)
+checkpoint_files.py          what both formats share: CheckpointError, sha256, fsync
 data.py                      sharded, seeded, resumable data streams
 optim.py                     optimizer and learning-rate schedule
 precision.py                 autocast, fp16 loss scaling; fp8.py: torchao float8 Linears

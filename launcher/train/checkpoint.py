@@ -11,7 +11,6 @@ Loads verify checksums and use `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,15 +36,13 @@ from launcher.launch.diskspace import (
     warn_if_short,
 )
 from launcher.launch.dist import DistSession
+from launcher.train import sharded_checkpoint as dcp_files
+from launcher.train.checkpoint_files import CheckpointError, fsync, sha256
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, corrupt, or refused; the message names the file."""
 
 
 @dataclass
@@ -118,14 +115,12 @@ class Checkpointer:
                     path = tmp / name
                     with open(path, "wb") as f:  # a file object: a failed write keeps its OSError (errno)
                         torch.save(state, f)
-                    _fsync(path)
+                    fsync(path)
                     hashes[name] = sha256(path)
             except (OSError, RuntimeError) as err:  # RuntimeError: torch.save's wrapping of a failed write
                 error = err
         # DCP's writes are collective: every rank starts them, or none does.
         if sharded is not None and self.session.all_agree(error is None):
-            from launcher.train import sharded_checkpoint as dcp_files  # noqa: PLC0415 - cycle
-
             directory = tmp / dcp_files.SHARDED_DIR
             if self.async_save:
                 future = dcp_files.start_async_save(sharded, directory, self.session)
@@ -146,11 +141,10 @@ class Checkpointer:
         pending, self.pending = self.pending, None
         if pending is None:
             return None
-        from launcher.train.sharded_checkpoint import SHARDED_DIR, finish_async_save  # noqa: PLC0415 - cycle
-
         hashes, error = dict(pending.hashes), None
         try:
-            hashes.update(finish_async_save(pending.future, pending.tmp / SHARDED_DIR, self.session))
+            directory = pending.tmp / dcp_files.SHARDED_DIR
+            hashes.update(dcp_files.finish_async_save(pending.future, directory, self.session))
         except (OSError, RuntimeError, CheckpointException) as err:
             error = err
         path = self._conclude(
@@ -197,12 +191,12 @@ class Checkpointer:
         older = self.root / f".old_step_{step}"
         try:
             (tmp / META).write_text(json.dumps(record, indent=1))
-            _fsync(tmp / META)
+            fsync(tmp / META)
             shutil.rmtree(older, ignore_errors=True)
             if final.exists():
                 os.rename(final, older)
             os.rename(tmp, final)
-            _fsync(self.root)
+            fsync(self.root)
         except OSError as err:
             if older.exists() and not final.exists():
                 os.rename(older, final)
@@ -335,19 +329,3 @@ def load_file(checkpoint: Path, name: str, meta: dict | None = None) -> Any:
         raise CheckpointError(
             f"{path}: refused to load ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from None
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

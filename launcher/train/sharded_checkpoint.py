@@ -15,7 +15,6 @@ is in meta.json, and each rank verifies its share of the files before any is rea
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from launcher.launch.dist import DistSession
-from launcher.train.checkpoint import CheckpointError, sha256
+from launcher.train.checkpoint_files import CheckpointError, fsync, sha256
 
 SHARDED_DIR = "sharded"
 """The DCP directory inside a checkpoint step directory."""
@@ -120,7 +119,7 @@ def _hash_share(directory: Path, session: DistSession) -> dict[str, str]:
     names = sorted(p.name for p in directory.iterdir() if p.is_file())
     mine = names[session.rank :: session.world_size]
     if session.is_main:
-        _fsync(directory)
+        fsync(directory)
     return {f"{SHARDED_DIR}/{name}": sha256(directory / name) for name in mine}
 
 
@@ -199,11 +198,3 @@ def load_full_model(checkpoint: Path, model: nn.Module | None = None) -> dict[st
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=True)
     return state["model"]
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -19,8 +19,8 @@ import torch
 
 from launcher.errors import ConfigError
 from launcher.launch.dist import DistSession
-from launcher.parallel import Strategy
 from launcher.parallel.comm_hooks import hook_state_dict, load_hook_state
+from launcher.parallel.strategy import Strategy
 from launcher.train.checkpoint import load_file, read_meta
 from launcher.train.data import Position, TrainStream
 from launcher.train.precision import MixedPrecision
