@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 FINISHED = "FINISHED"
+"""Written by rank 0 when training reached train.steps."""
+STOPPED = "STOPPED"
+"""Written by rank 0 when a signal stopped training: a Slurm script requeues only after such a stop."""
 LOCK = ".lock"
 # Keys that say how or where to run, not what is trained: a run stopped and rerun with a different
 # value of these is the same run.

@@ -1,6 +1,7 @@
 """The training loop and what it steps, whatever the parallel strategy.
 
 loop.py                      `train()` and `Trainer`: optimizer steps, logging, evaluation, saving
+build.py                     the Trainer's parts, one factory each, in the order that matters
 state.py                     what a checkpoint holds for one rank, and how to put it back
 checkpoint.py                atomic, verified checkpoints; the resume choice; keep-last-k
 sharded_checkpoint.py        model and optimizer state with torch.distributed.checkpoint (FSDP)

@@ -17,39 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from launcher.config.cli import Job
 from launcher.config.schema import NonFinite
-from launcher.errors import ConfigError
 from launcher.launch.dist import DistSession
-from launcher.launch.rundir import write_config
+from launcher.launch.rundir import STOPPED
 from launcher.memory.guard import memory_guard
-from launcher.observe.loggers import build_logger
-from launcher.observe.metrics import MetricsFile, flops_per_micro_batch, memory_stats, peak_flops
-from launcher.observe.profile import build_profiler, phase
-from launcher.observe.starts import record_start
-from launcher.observe.summary import model_line, run_summary
-from launcher.observe.telemetry import GpuTelemetry
-from launcher.observe.timing import StepTimer, StepWindow
-from launcher.parallel import build_strategy
+from launcher.observe.metrics import flops_per_micro_batch, memory_stats
+from launcher.observe.profile import phase
+from launcher.observe.summary import run_summary
+from launcher.observe.timing import StepWindow
 from launcher.parallel.lockstep import lockstep
-from launcher.train.checkpoint import Checkpointer
-from launcher.train.data import TrainStream, eval_batches, is_streaming
-from launcher.train.nonfinite_guard import NonFiniteGuard
-from launcher.train.optim import build_optimizer, build_scheduler
-from launcher.train.precision import MixedPrecision
+from launcher.train import build
+from launcher.train.data import eval_batches
 from launcher.train.shutdown import StopFlag, StopRequested
-from launcher.train.state import CheckpointState, Progress, seed_everything
+from launcher.train.state import CheckpointState, Progress
 
 log = logging.getLogger(__name__)
 
 # Where the loop is, for error messages from whoever catches an exception (a hung collective says
 # only "timed out"; this says during what).
 WHERE = {"phase": "setup", "step": 0}
-FINISHED = "FINISHED"
-STOPPED = "STOPPED"
-"""Written by rank 0 when a signal stopped training: a Slurm script requeues only after such a stop."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -85,67 +73,21 @@ def train(job: Job, session: DistSession, run_dir: Path, stop: StopFlag) -> None
 
 
 class Trainer:
+    """The loop over optimizer steps. Its parts come from launcher/train/build.py, in the order that
+    file explains (it matters for seeding and for the collectives every rank must make alike)."""
+
     def __init__(self, job: Job, session: DistSession, run_dir: Path, stop: StopFlag) -> None:
-        self.profiler = None
-        cfg = job.cfg
-        self.cfg, self.session, self.stop = cfg, session, stop
+        cfg = self.cfg = job.cfg
+        self.session, self.stop = session, stop
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.recipe = job.recipe if job.recipe is not None else job.recipe_class(cfg.recipe)
         self.started = time.time()
-        self.strategy = build_strategy(cfg, self.recipe, session)
-        log.info("model: %s", model_line(self.strategy.module, self.strategy.model_parallel_size))
-        if cfg.optim.warmup_steps > cfg.train.steps:
-            log.warning(
-                "optim.warmup_steps=%d is longer than train.steps=%d: the learning rate never peaks",
-                cfg.optim.warmup_steps,
-                cfg.train.steps,
-            )
-        seed_everything(cfg.train.seed + session.rank)  # per-rank randomness (dropout), after the shared init
-        self.optimizer = build_optimizer(
-            self.strategy.module.named_parameters(), cfg.optim, self.strategy.param_device
-        )
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.amp = MixedPrecision(cfg.precision, session.device)
-        self.guard = NonFiniteGuard(self.optimizer, session.device, self.amp.scaling)
-        self.stream = TrainStream(
-            self.recipe.train_dataset(),
-            cfg.train.micro_batch_size,
-            self.strategy.dp_rank,
-            self.strategy.dp_size,
-            cfg.train.seed,
-            cfg.loader,
-            session.device,
-            split=getattr(self.recipe, "split_batch", None),
-        )
-        self.eval_set = self.recipe.eval_dataset() if cfg.train.eval_every else None
-        if self.eval_set is not None and not is_streaming(self.eval_set) and len(self.eval_set) == 0:
-            raise ConfigError(
-                "train.eval_every",
-                cfg.train.eval_every,
-                f"the recipe's eval dataset ({type(self.eval_set).__name__}) is empty",
-                "use train.eval_every=0, or give the recipe eval data",
-            )
-
-        self.checkpointer = Checkpointer(
-            run_dir / "checkpoints", cfg.checkpoint.keep, session, cfg.checkpoint.async_save
-        )
-        if not session.all_agree(self.checkpointer.check_writable()):
-            raise ConfigError(
-                "run.dir",
-                str(run_dir),
-                "cannot create files in its checkpoints/ directory",
-                "fix the permissions or the path, or choose another run.dir",
-            )
+        self.strategy = build.strategy(cfg, self.recipe, session)
+        self.optimizer, self.scheduler, self.amp, self.guard = build.optimization(cfg, self.strategy, session)
+        self.stream, self.eval_set = build.data(cfg, self.recipe, self.strategy, session)
+        self.checkpointer = build.checkpointer(cfg, session, run_dir)
         self.progress = Progress()
-        identity = {
-            "recipe": f"{job.recipe_class.__module__}:{job.recipe_class.__qualname__}",
-            "recipe_config": OmegaConf.to_container(
-                OmegaConf.structured(cfg.recipe), resolve=True, enum_to_str=True
-            ),
-            "micro_batch_size": cfg.train.micro_batch_size,
-            "seed": cfg.train.seed,
-        }
         self.state = CheckpointState(
             self.strategy,
             self.optimizer,
@@ -154,54 +96,25 @@ class Trainer:
             self.stream,
             self.progress,
             session,
-            identity,
+            build.identity(job),
         )
         WHERE.update(phase="resume", step=0)
         self.resumed = self.checkpointer.restore(cfg.resume, self.state.read, self.state.apply)
         if self.resumed is not None:
             log.info("resumed from step %d", self.resumed)
         self.saved_step = self.resumed
-        if session.is_main:  # now that training starts: config.yaml never describes a failed attempt
-            write_config(cfg, run_dir, self.progress.step)
-
-        self.metrics = MetricsFile(run_dir / "metrics.jsonl")
-        self.finished_marker = run_dir / FINISHED
-        if session.is_main:
-            self.metrics.truncate_after(self.progress.step)
-            if self.progress.step < cfg.train.steps:
-                self.finished_marker.unlink(missing_ok=True)  # training on (e.g. train.steps was raised)
-            (run_dir / STOPPED).unlink(missing_ok=True)  # this attempt has not been stopped (yet)
-        self.logger = build_logger(
-            cfg.logger,
-            session.is_main,
-            self.progress.step,
-            cfg.train.steps,
-            run_dir,
-            OmegaConf.to_container(OmegaConf.structured(cfg)),
-            cfg.run.name,
+        self.metrics, self.finished_marker, self.logger = build.outputs(
+            cfg, session, run_dir, self.progress.step
         )
-        tokens_per_sample = getattr(self.recipe, "tokens_per_sample", None)
-        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.strategy.dp_size
-        self.unit = "tokens_per_s" if tokens_per_sample else "samples_per_s"
-        self.unit_per_step = self.global_batch * (tokens_per_sample or 1)
-        self.peak = peak_flops(session.device, cfg.metrics.peak_tflops)
+        self.global_batch, self.unit, self.unit_per_step, self.peak = build.throughput(
+            cfg, self.recipe, self.strategy, session
+        )
         self.flops_per_step: float | None = None
         self.first_step_s: float | None = None
         self.last_step = cfg.train.stop_at_step or cfg.train.steps
-        # Looking inside: step timing and GPU telemetry on log steps, the profiler over its window.
-        # (No exposed-comm timing under torch.compile: hooks added for one step would make Dynamo recompile.)
-        timed_comm = (
-            self.strategy.comm_stats is not None
-            and self.strategy.times_exposed_comm
-            and not cfg.train.compile_on
+        self.timer, self.telemetry, self.profiler = build.observation(
+            cfg, session, run_dir, self.strategy, self.progress.step, self.last_step
         )
-        comm_params = self.strategy.module.parameters() if timed_comm else None
-        self.timer = StepTimer(cfg.metrics.step_timing, session.device, comm_params)
-        self.telemetry = GpuTelemetry(cfg.metrics.gpu_telemetry, session)
-        if session.is_main:
-            record_start(run_dir, self.progress.step, session.world_size)
-        first = self.progress.step + 1
-        self.profiler = build_profiler(cfg.profile, run_dir, session, first, self.last_step, self.timer)
         log.info(
             "training %s: %d steps, global batch %d (%d per rank x %d accumulation x %d data-parallel ranks)",
             job.recipe_name,
