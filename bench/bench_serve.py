@@ -49,7 +49,7 @@ def say(*parts: object) -> None:
 
 def make_run_dir(root: Path, shape: str) -> Path:
     """A run directory in the launcher's layout holding the shape's initial (random) weights."""
-    from launcher.checkpoint import sha256
+    from launcher.train.checkpoint import sha256
     from recipes.gpt import GPTConfig, GPTModelConfig, GPTRecipe
 
     run_dir = root / f"gpt_{shape}"

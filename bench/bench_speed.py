@@ -303,7 +303,7 @@ def run_hook_cost(steps: int, only: list[str] | None = None) -> list[dict]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from launcher.config import BF16CommHookConfig, FP16CommHookConfig, PowerSGDConfig, PowerSGDImpl
+    from launcher.config.schema import BF16CommHookConfig, FP16CommHookConfig, PowerSGDConfig, PowerSGDImpl
     from launcher.parallel.comm_hooks import build_comm_hook
     from launcher.parallel.powersgd import BatchedPowerSGDState, powersgd_hook
 

@@ -18,12 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_memory import CASES, HELDOUT  # noqa: E402
-from launcher import cli  # noqa: E402
-from launcher.activation_checkpointing import checkpoint_blocks  # noqa: E402
-from launcher.optim import build_optimizer  # noqa: E402
+from launcher.config import cli  # noqa: E402
 from launcher.parallel.with_loss import WithLoss  # noqa: E402
-from launcher.precision import MixedPrecision  # noqa: E402
 from launcher.recipe import block_layout, resolve_blocks  # noqa: E402
+from launcher.train.activation_checkpointing import checkpoint_blocks  # noqa: E402
+from launcher.train.optim import build_optimizer  # noqa: E402
+from launcher.train.precision import MixedPrecision  # noqa: E402
 
 REPO = str(Path(__file__).resolve().parent.parent)
 

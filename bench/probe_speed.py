@@ -84,7 +84,7 @@ def hooks(steps: int) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from launcher.config import FP16CommHookConfig, PowerSGDConfig
+    from launcher.config.schema import FP16CommHookConfig, PowerSGDConfig
     from launcher.parallel.comm_hooks import build_comm_hook
 
     dist.init_process_group(

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 # First, before the slow imports below: when one rank exits (a config error, say), torchrun SIGTERMs
 # the others at once, and a rank still importing torch would die without saying what is wrong. From
-# here on a signal only sets a flag (launcher/shutdown.py), bounded by a watchdog.
-from launcher.shutdown import StopFlag, StopRequested
+# here on a signal only sets a flag (launcher/train/shutdown.py), bounded by a watchdog.
+from launcher.train.shutdown import StopFlag, StopRequested
 
 EARLY_STOP = StopFlag(grace_s=25.0) if __name__ == "__main__" else None
 
@@ -26,15 +26,16 @@ from pathlib import Path  # noqa: E402
 
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record  # noqa: E402
 
-from launcher import cli, exits  # noqa: E402
-from launcher.checkpoint import CheckpointError  # noqa: E402
-from launcher.config import DistConfig  # noqa: E402
-from launcher.diskspace import DiskFull, disk_full_message, is_disk_full  # noqa: E402
-from launcher.dist import DistEnv, DistSession, dist_session  # noqa: E402
+from launcher.config import cli  # noqa: E402
+from launcher.config.schema import DistConfig  # noqa: E402
+from launcher.config.validate import check_train_data  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
-from launcher.loggers import configure_logging  # noqa: E402
-from launcher.rundir import continue_command, resolve_run_dir  # noqa: E402
-from launcher.validate import check_train_data  # noqa: E402
+from launcher.launch import exits  # noqa: E402
+from launcher.launch.diskspace import DiskFull, disk_full_message, is_disk_full  # noqa: E402
+from launcher.launch.dist import DistEnv, DistSession, dist_session  # noqa: E402
+from launcher.launch.rundir import continue_command, resolve_run_dir  # noqa: E402
+from launcher.observe.loggers import configure_logging  # noqa: E402
+from launcher.train.checkpoint import CheckpointError  # noqa: E402
 
 log = logging.getLogger("launcher")
 # Text of errors a rank sees when a *peer* died or hung: its own traceback would only add noise.
@@ -84,10 +85,10 @@ def _main(env: DistEnv, stop: StopFlag) -> int:
 
 def run(job: cli.Job, env: DistEnv, stop: StopFlag, sweep: bool = False) -> int:
     """One training job. A rank of a multi-process job ends its process here, inside the session (see
-    launcher/exits.py), unless a sweep's next job follows."""
+    launcher/launch/exits.py), unless a sweep's next job follows."""
     from launcher.memory.allocator import configure_allocator
     from launcher.parallel import needs_process_group
-    from launcher.train import WHERE
+    from launcher.train.loop import WHERE
 
     stop.grace_s = job.cfg.dist.shutdown_grace_s
     configure_allocator(job.cfg.memory)  # before CUDA initialises
@@ -111,7 +112,7 @@ def train_and_report(job: cli.Job, session: DistSession, stop: StopFlag) -> int:
     Every way out, success included, starts the exit deadline of a multi-process rank first.
     """
     from launcher.memory.guard import OutOfMemoryReported
-    from launcher.train import WHERE, NonFiniteLoss, train
+    from launcher.train.loop import WHERE, NonFiniteLoss, train
 
     env, run_dir = session.env, None
     try:
@@ -162,7 +163,7 @@ def report_stop(err: StopRequested, run_dir: Path | None) -> None:
 
 def report_failure(err: Exception, env: DistEnv, where: dict) -> int:
     """A peer's failure gets one line; this rank's own failure its traceback, shown once. A rank of a
-    multi-process job exits here (launcher/exits.py); one process re-raises, for Python's traceback."""
+    multi-process job exits here (launcher/launch/exits.py); one process re-raises, for Python's traceback."""
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     context = f"{where['phase']} {where['step']}" if where["step"] else where["phase"]
     launcher = "launcher.run" if os.environ.get(exits.RUN_ENV) else "torchrun"
@@ -200,7 +201,7 @@ def run_sweep(env: DistEnv, stop: StopFlag) -> int:
     """Hydra's multirun: every sweep point was validated up front; run them one after another."""
     from hydra.core.hydra_config import HydraConfig
 
-    from launcher.summary import sweep_table
+    from launcher.observe.summary import sweep_table
 
     failed: list[int] = []
     rows: list[tuple[list[str], int, Path | None]] = []

@@ -3,6 +3,9 @@
 A recipe is any class with the attributes of `Recipe` below; it need not inherit from anything or
 import `torch.distributed`. Built-in recipes are listed in `recipes.BUILTIN`; any other is selected by
 import path on the command line: `recipe=my_pkg.my_module:MyRecipe`.
+
+The one module a recipe imports from the launcher: `BlockLayout` and `ConfigError` (re-exported from
+launcher.errors) for its own checks.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from launcher.config import register_recipe_schema
-from launcher.errors import ConfigError
+from launcher.config.schema import register_recipe_schema
+from launcher.errors import ConfigError as ConfigError  # re-exported: recipes need import only this module
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Recipe(Protocol):
       - `tokens_per_sample: int` — throughput is then logged as tokens/s instead of samples/s.
       - `eval_metrics(outputs, targets) -> dict[str, Tensor]` — extra per-batch means for eval.
       - `generator(model) -> TextGenerator` — inference hook for text models, used by
-        `launcher.serve`/`launcher.generate` (see launcher/serve/engine.py). Without it a recipe is
+        `launcher.serve`/`launcher.generate` (see launcher/after/serve/engine.py). Without it a recipe is
         served tensor in, tensor out: `model(inputs)` on a batch of inputs shaped like its eval samples.
     """
 

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from launcher.errors import ConfigError
-from launcher.recipe import BlockLayout
+from launcher.recipe import BlockLayout, ConfigError
 
 PIXELS, CLASSES = 64, 10
 

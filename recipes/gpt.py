@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from launcher.errors import ConfigError
-from launcher.recipe import BlockLayout
+from launcher.recipe import BlockLayout, ConfigError
 from recipes.chunked_loss import chunked_cross_entropy
 
 BYTE_VOCAB = 256

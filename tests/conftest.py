@@ -83,7 +83,7 @@ class Result:
         if step is None:
             step = max(int(p.name.split("_")[1]) for p in ckpts.glob("step_*"))
         if name == "model.pt" and (ckpts / f"step_{step}" / "sharded").is_dir():  # FSDP: DCP shards
-            from launcher.sharded_checkpoint import load_full_model
+            from launcher.train.sharded_checkpoint import load_full_model
 
             return load_full_model(ckpts / f"step_{step}")
         return torch.load(ckpts / f"step_{step}" / name, weights_only=True)
@@ -183,7 +183,7 @@ def assert_ok(result: Result) -> None:
 def newest_intact_checkpoint(run_dir: Path) -> int:
     """The step of run_dir's newest committed checkpoint, after checking every file against meta.json's
     checksums and loading it (weights_only): what resume=auto would take."""
-    from launcher.checkpoint import complete_checkpoints, load_file, read_meta
+    from launcher.train.checkpoint import complete_checkpoints, load_file, read_meta
 
     newest = complete_checkpoints(run_dir / "checkpoints")[0]
     meta = read_meta(newest)

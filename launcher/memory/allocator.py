@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from launcher.config import MemoryConfig
+from launcher.config.schema import MemoryConfig
 
 log = logging.getLogger(__name__)
 ENV_NAMES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the second is torch >= 2.9's spelling

@@ -28,7 +28,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from launcher.config import Config, PipelineConfig
+from launcher.config.schema import Config, PipelineConfig
 from launcher.errors import ConfigError
 from launcher.memory.parts import CUDA_CONTEXT_BYTES, GIB, HEADROOM, NCCL_BYTES
 from launcher.recipe import block_layout

@@ -14,11 +14,12 @@ Two effects, both measured on one H100 (GPT-2-small, mb 16: 8.87 GiB compiled, 1
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from launcher.memory.trace import LiveBytes
+if TYPE_CHECKING:  # annotations only: trace.py imports this module
+    from launcher.memory.trace import LiveBytes
 
 aten = torch.ops.aten
 # Not tagged pointwise, yet fused and recomputed by Inductor (views share their input's storage).

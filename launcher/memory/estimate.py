@@ -13,19 +13,17 @@ buffers, cuBLAS workspace, the allocator's caching and the CUDA context.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from launcher.activation_checkpointing import checkpoint_blocks
-from launcher.config import Config, DDPConfig, FSDPConfig, PipelineConfig, PowerSGDConfig
+from launcher.config.schema import Config, DDPConfig, FSDPConfig, PipelineConfig, PowerSGDConfig
 from launcher.memory import fsdp
 from launcher.memory import parts as closed
 from launcher.memory.compiled import fused_loss
-from launcher.memory.cuda_kernels import CudaKernels
 from launcher.memory.step_trace import (
+    build_meta_model,
     fake_batch,
     fake_mode,
     materialize,
@@ -33,8 +31,8 @@ from launcher.memory.step_trace import (
     trace_forward_activations,
     trace_step,
 )
-from launcher.precision import DTYPES
-from launcher.recipe import block_layout, resolve_blocks
+from launcher.recipe import block_layout
+from launcher.train.precision import DTYPES
 
 GIB = 2**30
 
@@ -96,7 +94,7 @@ def estimate(
         ranks, layout = _pipeline(cfg, recipe, sample, world_size)
         fsdp.shard_pipeline_ranks(cfg, ranks)  # parallel.dp_shard > 1: stages sharded
     elif isinstance(cfg.parallel, FSDPConfig):
-        ranks, layout = fsdp.fsdp_ranks(cfg, recipe, sample, world_size)
+        ranks, layout = _fsdp(cfg, recipe, sample, world_size)
     else:
         ranks, layout = [_data_parallel(cfg, recipe, sample, world_size)], f"ddp dp={world_size}"
     for rank in ranks:
@@ -149,15 +147,6 @@ def _trace_key(cfg: Config, *extra: Any) -> str:
             *extra,
         )
     )
-
-
-def build_meta_model(recipe: Any, checkpointing: bool):
-    """The recipe's model on the meta device, blocks checkpointed as the strategies do it."""
-    with torch.device("meta"):
-        model = recipe.build_model()
-    if checkpointing:
-        checkpoint_blocks(resolve_blocks(model, block_layout(recipe)), lambda: (nullcontext(), CudaKernels()))
-    return model
 
 
 def _data_parallel(cfg: Config, recipe: Any, sample: Any, world_size: int) -> RankEstimate:
@@ -255,6 +244,32 @@ def _pipeline(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[l
         }
         ranks.append(RankEstimate(f"pp rank {pp_rank}", parts, 0, 0, 0, notes, trace.reserved_extra))
     return ranks, f"pipeline {schedule} pp={dims.pp} dp={dims.dp} stages/rank={per_rank}"
+
+
+def _fsdp(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[list[RankEstimate], str]:
+    """Every rank of a parallel=fsdp run holds the same: one column."""
+    s = fsdp.sharding_of(cfg, world_size)
+    traced = _cached(_trace_key(cfg, "fsdp", s), lambda: fsdp.trace_sharded_step(cfg, recipe, sample, s))
+    parts = {name: traced["at_peak"].get(name, 0) for name in fsdp.ORDER if name in traced["at_peak"]}
+    parts.update(traced["at_peak"])
+    _common_parts(cfg, parts)
+    per_rank = -(-traced["parameters"] // s.shard)
+    notes: dict[str, Any] = {
+        "sharding": f"dp_shard={s.shard} x dp_replicate={s.replicate}",
+        "FSDP units (all-gathered one by one)": traced["units"],
+        "largest unit GiB (param_dtype)": round(traced["largest_unit"] * s.param_bytes / GIB, 3),
+        "activations per micro-batch GiB": round(traced["activations"] / GIB, 3),
+        "peak_phase": traced["peak_phase"],
+        "parameter bytes": per_rank * 4,
+        "gradient bytes": per_rank * 4,
+        "optimizer state bytes": -(-traced["optimizer_state"] // s.shard),
+    }
+    if s.offload:
+        notes["host bytes per rank (offloaded states)"] = per_rank * 8 + -(
+            -traced["optimizer_state"] // s.shard
+        )
+    layout = f"fsdp dp_shard={s.shard} dp_replicate={s.replicate}" + (" offload" if s.offload else "")
+    return [RankEstimate("every rank", parts, 0, 0, 0, notes)], layout
 
 
 def _state_notes(trace: Any) -> dict[str, int]:

@@ -10,7 +10,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from launcher.config import Config, DDPConfig, FSDPConfig, NoCommHookConfig, PipelineConfig, Precision
+from launcher.config.schema import Config, DDPConfig, FSDPConfig, NoCommHookConfig, PipelineConfig, Precision
 from launcher.errors import ConfigError
 from launcher.memory.estimate import Estimate, estimate
 from launcher.recipe import block_layout
@@ -135,7 +135,7 @@ def _set(section: str, key: str, value: object) -> Callable[[Config], None]:
 
 
 def _valid(cfg: Config, change: Change, recipe_class: type, world_size: int) -> bool:
-    from launcher.validate import check_config
+    from launcher.config.validate import check_config
 
     changed = copy.deepcopy(cfg)
     change[1](changed)

@@ -30,24 +30,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.config import Config
+from launcher.config.schema import Config
 from launcher.memory.cuda_kernels import CudaKernels
 from launcher.memory.step_trace import (
     CATEGORIES,
     CUDA,
     _autocast,
     _create_optimizer_state,
+    build_meta_model,
     fake_batch,
     fake_mode,
     materialize,
     model_forward,
 )
 from launcher.memory.trace import WORKSPACE, LiveBytes, allocated_bytes
-from launcher.optim import build_optimizer
-from launcher.precision import DTYPES
 from launcher.recipe import block_layout, resolve_blocks
+from launcher.train.optim import build_optimizer
+from launcher.train.precision import DTYPES
 
-GIB = 2**30
 GATHERED, UNSHARDED_GRADS, REDUCE = "all-gathered parameters", "unsharded gradients", "reduce-scatter buffers"
 # Trace tags -> the estimate's part names (sharded states say so).
 NAMES = {
@@ -249,8 +249,6 @@ def units_of(
 
 def trace_sharded_step(cfg: Config, recipe: Any, sample: Any, s: Sharding) -> dict[str, Any]:
     """The weighted peak of one optimizer step (min(accumulation, 2) micro-steps) under FSDP."""
-    from launcher.memory.estimate import build_meta_model  # noqa: PLC0415 - estimate imports this module
-
     train, amp = cfg.train, DTYPES[cfg.precision.dtype]
     micro_steps = min(train.grad_accum_steps, 2)
     meta = build_meta_model(recipe, train.activation_checkpointing)
@@ -331,34 +329,6 @@ def trace_sharded_step(cfg: Config, recipe: Any, sample: Any, s: Sharding) -> di
         }
 
 
-def fsdp_ranks(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[list[Any], str]:
-    """Every rank of a parallel=fsdp run holds the same: one column."""
-    from launcher.memory import estimate as est
-
-    s = sharding_of(cfg, world_size)
-    traced = est._cached(est._trace_key(cfg, "fsdp", s), lambda: trace_sharded_step(cfg, recipe, sample, s))
-    parts = {name: traced["at_peak"].get(name, 0) for name in ORDER if name in traced["at_peak"]}
-    parts.update(traced["at_peak"])
-    est._common_parts(cfg, parts)
-    per_rank = -(-traced["parameters"] // s.shard)
-    notes: dict[str, Any] = {
-        "sharding": f"dp_shard={s.shard} x dp_replicate={s.replicate}",
-        "FSDP units (all-gathered one by one)": traced["units"],
-        "largest unit GiB (param_dtype)": round(traced["largest_unit"] * s.param_bytes / GIB, 3),
-        "activations per micro-batch GiB": round(traced["activations"] / GIB, 3),
-        "peak_phase": traced["peak_phase"],
-        "parameter bytes": per_rank * 4,
-        "gradient bytes": per_rank * 4,
-        "optimizer state bytes": -(-traced["optimizer_state"] // s.shard),
-    }
-    if s.offload:
-        notes["host bytes per rank (offloaded states)"] = per_rank * 8 + -(
-            -traced["optimizer_state"] // s.shard
-        )
-    layout = f"fsdp dp_shard={s.shard} dp_replicate={s.replicate}" + (" offload" if s.offload else "")
-    return [est.RankEstimate("every rank", parts, 0, 0, 0, notes)], layout
-
-
 def shard_pipeline_ranks(cfg: Config, ranks: list[Any]) -> None:
     """PP x FSDP (parallel.dp_shard > 1): each pipeline rank's states in shards, its stage gathered whole.
 
@@ -367,7 +337,7 @@ def shard_pipeline_ranks(cfg: Config, ranks: list[Any]) -> None:
     and reduce-scatter after the last); the stage's parameters are gathered (param_dtype) for the whole
     schedule step (reshard_after_forward=false) and autocast's copies of them vanish in bf16/fp16.
     """
-    from launcher.config import FSDPDtype
+    from launcher.config.schema import FSDPDtype
     from launcher.parallel.fsdp import mp_policy
 
     shard = cfg.parallel.dp_shard

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from launcher.config import Config, Preflight
+from launcher.config.schema import Config, Preflight
 from launcher.errors import ConfigError
 from launcher.memory.estimate import Estimate, estimate
 from launcher.memory.fixes import Fix, rank_fixes

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.config import MemoryConfig
+from launcher.config.schema import MemoryConfig
 
 log = logging.getLogger(__name__)
 MAX_ENTRIES = 100_000

@@ -2,8 +2,8 @@
 
 The recipe's model is built on the meta device and materialised as fake tensors (shapes and dtypes,
 no storage), so a 7B-shaped model costs no memory. The step is the launcher's own: the recipe's
-forward and loss under autocast, activation checkpointing as `launcher.activation_checkpointing`
-applies it, backward, and the optimizer `launcher.optim` builds (fused AdamW / foreach SGD, as on
+forward and loss under autocast, activation checkpointing as `launcher.train.activation_checkpointing`
+applies it, backward, and the optimizer `launcher.train.optim` builds (fused AdamW / foreach SGD, as on
 CUDA). Optimizer state is created first, so the traced step is a steady-state one.
 """
 
@@ -12,18 +12,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from launcher.config import OptimConfig
+from launcher.config.schema import OptimConfig
 from launcher.memory.caching_allocator import replay, training_order
 from launcher.memory.compiled import fused_loss, keep_what_compile_saves
 from launcher.memory.cuda_kernels import CudaKernels
 from launcher.memory.parts import CUBLAS_WORKSPACE_BYTES
 from launcher.memory.trace import WORKSPACE, LiveBytes, allocated_bytes
-from launcher.optim import build_optimizer
+from launcher.recipe import block_layout, resolve_blocks
+from launcher.train.activation_checkpointing import checkpoint_blocks
+from launcher.train.optim import build_optimizer
 
 CUDA = torch.device("cuda")
 # Trace categories, in the order the estimate prints them.
@@ -92,6 +95,15 @@ def materialize(module: nn.Module) -> nn.Module:
             if b is not None:
                 sub._buffers[name] = fake(b, False)
     return module
+
+
+def build_meta_model(recipe: Any, checkpointing: bool):
+    """The recipe's model on the meta device, blocks checkpointed as the strategies do it."""
+    with torch.device("meta"):
+        model = recipe.build_model()
+    if checkpointing:
+        checkpoint_blocks(resolve_blocks(model, block_layout(recipe)), lambda: (nullcontext(), CudaKernels()))
+    return model
 
 
 def fake_batch(sample: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:

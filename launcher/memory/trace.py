@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
+from launcher.memory.compiled import recomputable
 from launcher.memory.cuda_kernels import workspace_bytes
 
 WORKSPACE = "kernel workspace"
@@ -189,8 +190,6 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     def _record_producer(self, func, args, kwargs, out) -> None:  # noqa: ANN001
-        from launcher.memory.compiled import recomputable  # noqa: PLC0415 - compiled imports this module
-
         inputs = tuple(
             s
             for t in tree_leaves((args, kwargs))

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
-from launcher.config import (
+from launcher.config.schema import (
     BF16CommHookConfig,
     CompressDtype,
     FP16CommHookConfig,

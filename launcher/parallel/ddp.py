@@ -9,15 +9,15 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from launcher.activation_checkpointing import checkpoint_blocks
-from launcher.config import Config, Precision
-from launcher.dist import DistSession
-from launcher.fp8 import convert_to_fp8
-from launcher.parallel import Batch
+from launcher.config.schema import Config, Precision
+from launcher.launch.dist import DistSession
 from launcher.parallel.comm_hooks import CommStats, build_comm_hook
+from launcher.parallel.strategy import Batch
 from launcher.parallel.with_loss import WithLoss
-from launcher.precision import MixedPrecision
 from launcher.recipe import block_layout, resolve_blocks
+from launcher.train.activation_checkpointing import checkpoint_blocks
+from launcher.train.fp8 import convert_to_fp8
+from launcher.train.precision import MixedPrecision
 
 log = logging.getLogger(__name__)
 

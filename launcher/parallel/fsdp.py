@@ -24,8 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from launcher.activation_checkpointing import checkpoint_blocks
-from launcher.config import (
+from launcher.config.schema import (
     AdamWConfig,
     Config,
     FSDPConfig,
@@ -34,13 +33,14 @@ from launcher.config import (
     PrecisionConfig,
     SGDConfig,
 )
-from launcher.dist import DistSession
 from launcher.errors import ConfigError
-from launcher.fp8 import convert_to_fp8
-from launcher.parallel import Batch
+from launcher.launch.dist import DistSession
+from launcher.parallel.strategy import Batch
 from launcher.parallel.with_loss import WithLoss
-from launcher.precision import DTYPES, MixedPrecision
 from launcher.recipe import BlockLayout, block_layout, resolve_blocks
+from launcher.train.activation_checkpointing import checkpoint_blocks
+from launcher.train.fp8 import convert_to_fp8
+from launcher.train.precision import DTYPES, MixedPrecision
 
 log = logging.getLogger(__name__)
 

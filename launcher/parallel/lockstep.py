@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from launcher.dist import DistSession
+from launcher.launch.dist import DistSession
 
 Batch = tuple[Any, Any]
 
@@ -26,7 +26,7 @@ def lockstep(
     first = next(it, None)
     spare = first
     if session.any_rank(first is None)[0]:  # some rank has no batch at all: rank 0's first is the spare
-        from launcher.data import to_device
+        from launcher.train.data import to_device
 
         shared = session.broadcast_object(_to_cpu(first) if session.is_main else None)
         spare = spare if spare is not None else to_device(shared, session.device)

@@ -19,12 +19,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from launcher.activation_checkpointing import checkpoint_blocks
-from launcher.config import Config, FSDPDtype, PipelineConfig, Precision
-from launcher.dist import DistSession
+from launcher.config.schema import Config, FSDPDtype, PipelineConfig, Precision
 from launcher.errors import ConfigError
-from launcher.fp8 import convert_to_fp8
-from launcher.parallel import Batch, LossFn
+from launcher.launch.dist import DistSession
+from launcher.observe.profile import phase
 from launcher.parallel.comm_hooks import CommStats, build_comm_hook
 from launcher.parallel.dims import ParallelDims
 from launcher.parallel.eval_chain import EvalChain
@@ -38,9 +36,11 @@ from launcher.parallel.fsdp import (
 )
 from launcher.parallel.grad_reduce import GradReducer
 from launcher.parallel.split import ModelPart, StageModule, plan_stages, stage_ids_for_rank
-from launcher.precision import MixedPrecision
-from launcher.profile import phase
+from launcher.parallel.strategy import Batch, LossFn
 from launcher.recipe import block_layout
+from launcher.train.activation_checkpointing import checkpoint_blocks
+from launcher.train.fp8 import convert_to_fp8
+from launcher.train.precision import MixedPrecision
 
 log = logging.getLogger(__name__)
 

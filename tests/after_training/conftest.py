@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.config import ServeConfig
-from launcher.serve.app import build_app, start_server
-from launcher.serve.engine import build_engine
-from launcher.trained import load_trained
+from launcher.after.serve.app import build_app, start_server
+from launcher.after.serve.engine import build_engine
+from launcher.after.trained import load_trained
+from launcher.config.schema import ServeConfig
 from tests.conftest import DIGITS_150, REPO, assert_ok, launch
 
 # A 2-layer byte GPT, 60 steps: a few seconds on 2 cores; enough structure for greedy text to vary.
@@ -77,7 +77,7 @@ def gpt_run(tmp_path_factory) -> Path:
 def digits_export(digits_run, tmp_path_factory) -> tuple[Path, dict]:
     """The digits run pruned by 0.3 and int8-quantized: (export dir, its report)."""
     pytest.importorskip("torchao", reason="int8 export uses torchao")
-    from launcher import export
+    from launcher.after import export
 
     out = tmp_path_factory.mktemp("digits_export") / "int8"
     args = [str(digits_run), "export.prune_amount=0.3", f"export.out={out}", *FAST_EXPORT]

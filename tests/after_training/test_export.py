@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from launcher import export
-from launcher.trained import load_trained
+from launcher.after import export
+from launcher.after.trained import load_trained
 from tests.after_training.conftest import cli_env
 
 pytestmark = pytest.mark.integration

@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 import torch
 
-from launcher import generate
-from launcher.config import ServeConfig
-from launcher.serve import __main__ as serve_cli
-from launcher.trained import load_trained
+from launcher.after import generate
+from launcher.after.serve import cli as serve_cli
+from launcher.after.trained import load_trained
+from launcher.config.schema import ServeConfig
 from tests.after_training.conftest import InProcessServer, ServerProcess
 
 pytestmark = pytest.mark.integration

@@ -2,7 +2,7 @@
 
 With the global batch held constant (micro-batch x ranks = 8), 3 steps on 2 ranks then 3 on 4 (and 4
 then 2) give the losses and final parameters of one uninterrupted process with micro-batch 8, within
-1e-5: model and optimizer state are replicated and the data position is global (launcher/data.py).
+1e-5: model and optimizer state are replicated and the data position is global (launcher/train/data.py).
 """
 
 from __future__ import annotations

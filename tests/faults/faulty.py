@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from launcher.train import WHERE
+from launcher.train.loop import WHERE
 from recipes.gpt import GPTConfig, GPTRecipe
 
 

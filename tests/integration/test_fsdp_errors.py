@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import cli
+from launcher.config import cli
 from launcher.errors import ConfigError
 from tests.conftest import TINY_GPT, launch
 

@@ -17,7 +17,7 @@ OOM_RECIPE = "recipe=tests.integration.oom_recipe:OOMRecipe"
 def test_estimate_gpt2_small_json_in_seconds(capsys):
     import torch
 
-    from launcher.estimate import main
+    from launcher.memory.estimate_cli import main
     from recipes.gpt import GPT, GPTModelConfig
 
     start = time.time()
@@ -35,7 +35,7 @@ def test_estimate_gpt2_small_json_in_seconds(capsys):
 
 
 def test_estimate_bad_gpu_exits_2_and_too_big_exits_5(capsys):
-    from launcher.estimate import main
+    from launcher.memory.estimate_cli import main
 
     assert main(["recipe=gpt", "estimate.gpu=TPUv9"]) == 2
     err = capsys.readouterr().err

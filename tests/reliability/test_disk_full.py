@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.diskspace import DiskFull, tree_bytes
-from launcher.metrics import MetricsFile
+from launcher.launch.diskspace import DiskFull, tree_bytes
+from launcher.observe.metrics import MetricsFile
 from tests.conftest import TINY_GPT, assert_ok, launch, newest_intact_checkpoint, relative_diff
 from tests.reliability.test_launcher_run import launcher_run
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.checkpoint import sha256
+from launcher.train.checkpoint import sha256
 from tests.conftest import REPO, TINY_GPT, Result, assert_ok, launch, relative_diff
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.run import root_cause, split_argv
+from launcher.launch.run import root_cause, split_argv
 from tests.conftest import REPO, TINY_GPT
 
 FAULTY = [*TINY_GPT, "recipe=tests.faults.faulty:FaultyGPT", "train.micro_batch_size=4"]
@@ -19,7 +19,7 @@ BLOCKED_TEARDOWN = REPO / "tests" / "faults" / "hang_in_teardown"
 
 def launcher_run(args: list[str], tmp_path: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     """`python -m launcher.run --standalone --nproc_per_node=2 <args>`, its workers' process-group
-    teardown blocking forever: no exit may wait for it (launcher/exits.py)."""
+    teardown blocking forever: no exit may wait for it (launcher/launch/exits.py)."""
     path = (str(BLOCKED_TEARDOWN), str(REPO), os.environ.get("PYTHONPATH", ""))
     env = {
         **os.environ,

@@ -1,12 +1,12 @@
-"""train.compile=auto resolves while the config is composed (launcher/auto.py), as documented."""
+"""train.compile=auto resolves while the config is composed (launcher/config/auto.py), as documented."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-from launcher import cli
-from launcher.auto import COMPILE_BREAK_EVEN_STEPS
+from launcher.config import cli
+from launcher.config.auto import COMPILE_BREAK_EVEN_STEPS
 from launcher.errors import ConfigError
 from tests.conftest import TINY_GPT, assert_ok, launch
 

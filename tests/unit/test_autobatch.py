@@ -8,7 +8,7 @@ import copy
 
 import pytest
 
-from launcher import cli
+from launcher.config import cli
 from launcher.errors import ConfigError
 from launcher.memory.autobatch import resolve_batch
 from launcher.memory.estimate import estimate
@@ -84,7 +84,7 @@ def test_nothing_fits_and_no_gpu_are_config_errors():
 
 
 def test_estimate_sweep_prints_one_line_per_value(capsys):
-    from launcher.estimate import main
+    from launcher.memory.estimate_cli import main
 
     code = main([*TINY, "estimate.gpu=0.691", "--sweep", "train.micro_batch_size=1,8,64"])
     out = capsys.readouterr().out

@@ -9,9 +9,15 @@ import pickle
 import pytest
 import torch
 
-from launcher.checkpoint import Checkpointer, CheckpointError, complete_checkpoints, load_file, read_meta
-from launcher.diskspace import DiskFull
-from launcher.dist import DistEnv, DistSession
+from launcher.launch.diskspace import DiskFull
+from launcher.launch.dist import DistEnv, DistSession
+from launcher.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    complete_checkpoints,
+    load_file,
+    read_meta,
+)
 
 
 @pytest.fixture
@@ -86,7 +92,7 @@ def test_malicious_pickle_is_refused(checkpointer, tmp_path, monkeypatch):
     evil = ckpt / "model.pt"
     evil.write_bytes(pickle.dumps({"w": Exploit()}))
     meta = json.loads((ckpt / "meta.json").read_text())
-    from launcher.checkpoint import sha256
+    from launcher.train.checkpoint import sha256
 
     meta["files"]["model.pt"] = sha256(evil)  # an attacker can fix the checksum too
     (ckpt / "meta.json").write_text(json.dumps(meta))

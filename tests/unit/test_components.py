@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.config import AdamWConfig, LRSchedule
-from launcher.dist import DistEnv
-from launcher.optim import build_optimizer, lr_factor
+from launcher.config.schema import AdamWConfig, LRSchedule
+from launcher.launch.dist import DistEnv
 from launcher.recipe import BlockLayout, block_layout, resolve_blocks
+from launcher.train.optim import build_optimizer, lr_factor
 from recipes.digits import DigitsConfig, DigitsRecipe
 from recipes.gpt import GPTConfig, GPTModelConfig, GPTRecipe, TextDataConfig
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import cli
-from launcher.config import AdamWConfig, Config, DDPConfig, Precision, SGDConfig, WandbLoggerConfig
+from launcher.config import cli
+from launcher.config.schema import AdamWConfig, Config, DDPConfig, Precision, SGDConfig, WandbLoggerConfig
 from launcher.errors import ConfigError
-from launcher.fp8 import fp8_gpu_visible
+from launcher.train.fp8 import fp8_gpu_visible
 from recipes.digits import DigitsConfig
 from recipes.gpt import GPTConfig
 

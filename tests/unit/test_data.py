@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import IterableDataset, TensorDataset
 
-from launcher.config import LoaderConfig
-from launcher.data import Position, TrainStream, eval_batches, split_batch
+from launcher.config.schema import LoaderConfig
+from launcher.train.data import Position, TrainStream, eval_batches, split_batch
 
 DATA = TensorDataset(torch.arange(40), torch.arange(40))
 

@@ -1,4 +1,4 @@
-"""launcher/exits.py: the exit deadline ends a process even while a C call holds the GIL."""
+"""launcher/launch/exits.py: the exit deadline ends a process even while a C call holds the GIL."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from launcher.exits import describe
+from launcher.launch.exits import describe
 
 # A catastrophic regex: minutes of matching inside one C call that never releases the GIL, as gloo's
 # teardown did. A Python timer thread could not run meanwhile.
@@ -20,7 +20,7 @@ def python(code: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess,
 
 
 def test_the_deadline_ends_a_process_stuck_with_the_gil_held_and_says_where():
-    result, took = python(f"from launcher import exits; exits.start_deadline(1.0); {HOLDS_THE_GIL}")
+    result, took = python(f"from launcher.launch import exits; exits.start_deadline(1.0); {HOLDS_THE_GIL}")
     assert result.returncode == 1
     assert took < 15, took  # 1 s, plus the interpreter's start on a busy machine
     assert "Timeout (0:00:01)!" in result.stderr and "<string>" in result.stderr  # the stack it was stuck in
@@ -28,7 +28,7 @@ def test_the_deadline_ends_a_process_stuck_with_the_gil_held_and_says_where():
 
 def test_a_cancelled_deadline_lets_the_process_go_on():
     result, _ = python(
-        "import time; from launcher import exits; exits.start_deadline(0.5); exits.cancel_deadline(); "
+        "import time; from launcher.launch import exits; exits.start_deadline(0.5); exits.cancel_deadline(); "
         "time.sleep(1.5); print('went on')"
     )
     assert result.returncode == 0 and "went on" in result.stdout

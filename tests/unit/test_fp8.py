@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.config import Fp8Recipe, Precision, PrecisionConfig
-from launcher.fp8 import FP8_PAYS_FROM, convert_to_fp8, fp8_narrow_share
+from launcher.config.schema import Fp8Recipe, Precision, PrecisionConfig
+from launcher.train.fp8 import FP8_PAYS_FROM, convert_to_fp8, fp8_narrow_share
 from recipes.gpt import GPT, GPTModelConfig
 from tests.conftest import TINY_GPT, launch
 

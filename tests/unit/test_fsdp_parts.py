@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.checkpoint import CheckpointError
-from launcher.config import FSDPDtype, Precision, PrecisionConfig
+from launcher.config.schema import FSDPDtype, Precision, PrecisionConfig
 from launcher.errors import ConfigError
 from launcher.parallel.fsdp import FSDPCommStats, ShardDims, mp_policy
-from launcher.sharded_checkpoint import SHARDED_DIR, SafePlanner, saved_shapes
+from launcher.train.checkpoint import CheckpointError
+from launcher.train.sharded_checkpoint import SHARDED_DIR, SafePlanner, saved_shapes
 
 
 def test_shard_dims_fill_in_and_refuse():

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from launcher import cli
-from launcher.config import GROUP_SCHEMAS, PipelineSchedule, Precision
+from launcher.config import cli
+from launcher.config.schema import GROUP_SCHEMAS, PipelineSchedule, Precision
 from launcher.memory import parts as closed
 from launcher.memory.estimate import estimate
-from launcher.optim import build_optimizer
+from launcher.train.optim import build_optimizer
 
 TINY = [
     "recipe=gpt",

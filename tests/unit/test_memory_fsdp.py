@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from launcher.config import FSDPDtype, Precision
+from launcher.config.schema import FSDPDtype, Precision
 from launcher.memory.estimate import estimate
 from tests.unit.test_memory_estimate import PIPE, TINY, compose, round512
 
@@ -88,7 +88,7 @@ def test_pipeline_stages_sharded_over_dp_shard():
 
 
 def test_estimate_command_shows_per_rank_sharded_parts_and_suggests_fsdp(capsys):
-    from launcher.estimate import main
+    from launcher.memory.estimate_cli import main
 
     assert main([*FSDP, "estimate.world_size=8"]) == 0
     out = capsys.readouterr().out

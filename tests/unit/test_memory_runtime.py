@@ -13,9 +13,9 @@ import weakref
 import pytest
 import torch
 
-from launcher import cli
-from launcher.config import Preflight
-from launcher.dist import DistEnv, DistSession
+from launcher.config import cli
+from launcher.config.schema import Preflight
+from launcher.launch.dist import DistEnv, DistSession
 from launcher.memory.allocator import merged_alloc_conf
 from launcher.memory.oom import oom_phase
 from launcher.memory.parts import HEADROOM
@@ -118,8 +118,8 @@ def _live_tensors() -> int:
 
 
 def test_no_leak_over_steps_and_nothing_left_after_teardown(tmp_path):
-    from launcher.shutdown import StopFlag
-    from launcher.train import Trainer
+    from launcher.train.loop import Trainer
+    from launcher.train.shutdown import StopFlag
 
     job = compose([*TINY_GPT, "train.steps=25", "checkpoint.every=0", f"run.dir={tmp_path}"])
     baseline = _live_tensors()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from launcher.nonfinite_guard import NonFiniteGuard
+from launcher.train.nonfinite_guard import NonFiniteGuard
 
 
 def _setup():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.config import SlurmConfig
+from launcher.config.schema import SlurmConfig
 from launcher.errors import ConfigError
-from launcher.slurm import check_slurm, procs_per_node
+from launcher.launch.slurm import check_slurm, procs_per_node
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from launcher.timing import StepWindow
+from launcher.observe.timing import StepWindow
 
 STEP_S = 0.05
 

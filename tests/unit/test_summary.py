@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from launcher.loggers import format_record
-from launcher.summary import run_summary, sweep_table
+from launcher.observe.loggers import format_record
+from launcher.observe.summary import run_summary, sweep_table
 
 
 def test_format_record_is_consistent_and_hides_noise():
