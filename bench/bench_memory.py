@@ -124,8 +124,34 @@ HELDOUT = {
         "train.micro_batch_size=1024",
     ],
 }
-SUITES = {"calibration": CASES, "heldout": HELDOUT}
-COMPILE_CASES = {n for n, o in {**CASES, **HELDOUT}.items() if "train.compile=true" in o}
+# Written after the compiled-step model changed (2026-12-06), to test it on configs it has not seen.
+HELDOUT_2 = {
+    "enc_mask_bf16_compile_mb16": [
+        ENC,
+        "precision=bf16",
+        "recipe.padding_mask=true",
+        "train.compile=true",
+        "train.micro_batch_size=16",
+    ],
+    "gpt_d1024_compile_ac_mb8": [
+        *BASE,
+        *D1024_16,
+        "train.compile=true",
+        "train.activation_checkpointing=true",
+        "train.micro_batch_size=8",
+    ],
+    "gpt_fp32_compile_mb4": [*BASE, "precision=fp32", "train.compile=true", "train.micro_batch_size=4"],
+    "gpt_s2048_drop_compile_mb4": [*BASE, S2048, DROP, "train.compile=true", "train.micro_batch_size=4"],
+    "lstm_fp32_mb32": [LSTM, "precision=fp32", "train.micro_batch_size=32"],
+    "lstm_bf16_ac_mb64": [
+        LSTM,
+        "precision=bf16",
+        "train.activation_checkpointing=true",
+        "train.micro_batch_size=64",
+    ],
+}
+SUITES = {"calibration": CASES, "heldout": HELDOUT, "heldout2": HELDOUT_2}
+COMPILE_CASES = {n for n, o in {**CASES, **HELDOUT, **HELDOUT_2}.items() if "train.compile=true" in o}
 EXTRAS = ("refuse", "leak", "fragmentation")
 # Less text to read at start-up: the data does not change memory.
 FAST = [

@@ -3,7 +3,7 @@
 # bench cannot starve the rest. Outputs land in $OUT (or /tmp/gpu_out).
 # Usage on the GPU node, from the repo root, after installing the .whl wheels:
 #   bash bench/gpu_open_issues.sh fsdp hooks      # FSDP speed/memory/GPU tests, comm-hook variants (~8 min)
-#   bash bench/gpu_open_issues.sh heldout peaks   # held-out memory table, allocator peaks (~8 min)
+#   bash bench/gpu_open_issues.sh heldout heldout2 peaks   # held-out memory tables, allocator peaks (~9 min)
 set -u
 out=${OUT:-/tmp/gpu_out}
 mkdir -p "$out"
@@ -29,9 +29,11 @@ for part in "$@"; do
       step hooks 100 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --hooks ddp_no_hook,fp16,fp16_builtin,fp16_direct,fp16_direct_side,powersgd_r4_ours ;;
     heldout)
-      step heldout 330 python3 bench/bench_memory.py --suite heldout --jobs 6 --steps 4 --out "$out/heldout.jsonl" ;;
+      step heldout 300 python3 bench/bench_memory.py --suite heldout --jobs 6 --steps 4 --out "$out/heldout.jsonl" ;;
+    heldout2)
+      step heldout2 120 python3 bench/bench_memory.py --suite heldout2 --jobs 6 --steps 4 --out "$out/heldout2.jsonl" ;;
     peaks)
-      step peaks 200 python3 bench/probe_peak.py gpt_compile_mb16 lstm_fp32_ac_mb32 conv_fp32_sgd_ac_mb64 ;;
+      step peaks 120 python3 bench/probe_peak.py lstm_fp32_ac_mb32 conv_fp32_sgd_ac_mb64 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done

@@ -4,11 +4,18 @@ Two effects, both measured on one H100 (GPT-2-small, mb 16: 8.87 GiB compiled, 1
 
 - **The loss fuses into the model's graph** (launcher/parallel/with_loss.py): Inductor reads the logits
   once in a reduction kernel, so the fp32 upcast, log-probabilities and their gradient never exist.
-  The loss holds the model's output (kept for backward) and, in backward, a gradient of its size.
+  The loss holds the model's output (kept for backward); in backward its gradient takes the output's
+  buffer (Inductor reuses a buffer that dies in the kernel that writes the new one).
 - **The partitioner saves less for backward**: AOTAutograd's min-cut partitioner recomputes cheap ops
   (pointwise, casts, normalisations, activations) in backward instead of saving their outputs, as long
   as their inputs are saved anyway; matmuls, convolutions, attention and random ops are never redone.
-  `keep_what_compile_saves` applies that rule to the tensors the eager forward left alive.
+  Nor is a cheap op whose output an unfusible op (a matmul, convolution, attention) reads: backward
+  would have to materialise it again in full, so it is saved (the partitioner's "materialized in
+  backward" ban). That keeps the bf16 casts of weights, the casts of normalised activations and the
+  attention output's contiguous copy that feed matmuls: shown per tensor by running torch's own
+  partitioner with Inductor's decompositions on GPT (the 0.51 GiB the rule without the ban missed on
+  GPT-2-small, mb 16). `keep_what_compile_saves` applies these rules to the tensors the eager forward
+  left alive.
 """
 
 from __future__ import annotations
@@ -48,6 +55,13 @@ def recomputable(func: Any) -> bool:
     return torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags
 
 
+def fusible(func: Any) -> bool:
+    """Whether Inductor can fuse `func` with its neighbours (random ops too: their mask is recomputed
+    from the seed); the inputs of other ops are materialised in backward."""
+    tags = getattr(func, "tags", ())
+    return recomputable(func) or getattr(func, "is_view", False) or torch.Tag.nondeterministic_seeded in tags
+
+
 def keep_what_compile_saves(
     tracker: LiveBytes, tags: tuple[str, ...] = ("forward", "autocast copies")
 ) -> int:
@@ -73,6 +87,8 @@ def keep_what_compile_saves(
     for serial in sorted(live):  # inputs before the tensors made from them
         tag, _ = live[serial]
         ok, inputs = producers.get(serial, (False, ()))
+        if serial in tracker.read_by_unfusible:
+            continue
         if tag in tags and ok and inputs and all(available(i, 1) for i in inputs):
             dropped.add(serial)
     return tracker.forget(dropped)
@@ -96,5 +112,7 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
+        # Inductor writes the outputs' gradient into their own buffer: the kernel reads each element
+        # once, and nothing reads the outputs after it (buffer reuse). No new allocation.
         (outputs,) = ctx.saved_tensors
-        return torch.empty_like(outputs), None, None, None
+        return outputs.detach(), None, None, None

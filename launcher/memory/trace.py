@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
-from launcher.memory.compiled import recomputable
+from launcher.memory.compiled import fusible, recomputable
 from launcher.memory.cuda_kernels import workspace_bytes
 
 WORKSPACE = "kernel workspace"
@@ -50,6 +50,9 @@ class LiveBytes(TorchDispatchMode):
         # for modelling what torch.compile saves for backward (launcher/memory/compiled.py).
         self.record_producers = False
         self.producers: dict[int, tuple[bool, tuple[int, ...]]] = {}
+        # ... and the storages read by an op that cannot fuse (matmul, convolution, attention): a
+        # compiled backward must have them in memory, so the partitioner saves rather than redoes them.
+        self.read_by_unfusible: set[int] = set()
         self._serial = 0
         # Every allocation and free in order, (serial, bytes) / (serial, 0), with the phase it happened
         # in: the caching allocator model replays them (launcher/memory/caching_allocator.py).
@@ -198,6 +201,8 @@ class LiveBytes(TorchDispatchMode):
         ok = recomputable(func)
         for serial in inputs:
             self.last_use[serial] = len(self.events)
+        if not fusible(func) and any(isinstance(t, torch.Tensor) for t in tree_leaves(out)):
+            self.read_by_unfusible.update(inputs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 serial = self.serial_of(t)
