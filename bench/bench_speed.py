@@ -88,6 +88,7 @@ FP8_CASES = {
     "d4096_bf16": (_width(4096, 4, 32, 8), True),
     "d4096_fp8_tensorwise": (_width(4096, 4, 32, 8) + FP8, True),
     "d4096_fp8_rowwise": (_width(4096, 4, 32, 8) + ROWWISE, True),
+    "d4096_fp8_tensorwise_head": (_width(4096, 4, 32, 8) + [*FP8, "precision.fp8_head=true"], True),
 }
 
 # Throughput by micro-batch and activation checkpointing (what train.micro_batch_size=auto weighs).

@@ -28,6 +28,8 @@ for part in "$@"; do
     hooks)
       step hooks 100 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --hooks ddp_no_hook,fp16,fp16_builtin,fp16_direct,fp16_direct_side,powersgd_r4_ours ;;
+    fp8)
+      step fp8 280 python3 bench/bench_speed.py --steps 30 --cases d4096_bf16,d4096_fp8_tensorwise,d4096_fp8_tensorwise_head ;;
     heldout)
       step heldout 300 python3 bench/bench_memory.py --suite heldout --jobs 6 --steps 4 --out "$out/heldout.jsonl" ;;
     heldout2)
