@@ -193,11 +193,14 @@ def newest_intact_checkpoint(run_dir: Path) -> int:
 
 
 def relative_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Largest per-tensor ||a - b|| / ||b|| over a state dict."""
+    """Largest per-tensor ||a - b|| / ||b|| over a state dict (on the CPU: a sharded checkpoint loads
+    where it was saved, a plain one on the CPU)."""
     assert a.keys() == b.keys()
-    return max(
-        ((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-12)).item() for k in a
-    )
+
+    def cpu(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().double().cpu()
+
+    return max(((cpu(a[k]) - cpu(b[k])).norm() / cpu(b[k]).norm().clamp_min(1e-12)).item() for k in a)
 
 
 @pytest.fixture

@@ -21,8 +21,9 @@ def checkpoint_blocks(
     context managers for the forward and the recomputation, which runs inside backward, where a
     caller's torch-function mode is not active (the memory trace needs its mode in both).
     """
+    # torch.compile refuses any explicit context_fn, torch's own no-op included ("checkpoint not
+    # implemented for ... context_fn"): pass one only when there is one.
+    extra = {} if context_fn is noop_context_fn else {"context_fn": context_fn}
     for block in blocks:
         # use_reentrant=False: works with inputs that don't require grad, and with torch.compile.
-        block.forward = functools.partial(
-            checkpoint, block.forward, use_reentrant=False, context_fn=context_fn
-        )
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, **extra)

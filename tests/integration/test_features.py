@@ -91,10 +91,16 @@ def test_activation_checkpointing_gives_the_same_parameters(tmp_path):
     assert recompute.model().keys() == plain.model().keys()  # parameter names untouched
 
 
-def test_compile_matches_eager(tmp_path):
+def test_compile_with_activation_checkpointing_matches_eager(tmp_path):
+    """Compiled with checkpointed blocks (which once failed in Dynamo on the explicit no-op
+    context_fn) learns what eager learns without them; tests/distributed/test_compile.py covers
+    compile alone."""
     eager = launch([*SHORT, "train.steps=3"], tmp_path, run_dir=tmp_path / "eager")
     compiled = launch(
-        [*SHORT, "train.steps=3", "train.compile=true"], tmp_path, run_dir=tmp_path / "compiled", timeout=600
+        [*SHORT, "train.steps=3", "train.compile=true", "train.activation_checkpointing=true"],
+        tmp_path,
+        run_dir=tmp_path / "compiled",
+        timeout=600,
     )
     assert_ok(eager)
     assert_ok(compiled)
