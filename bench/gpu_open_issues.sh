@@ -25,6 +25,22 @@ for part in "$@"; do
       step fsdp_memory 150 python3 bench/bench_memory.py --steps 4 --jobs 4 \
         --only b_bf16_mb16,b_bf16_mb16_fsdp,b_bf16_mb16_ac_fsdp,b_fp32_mb8_fsdp_zero2_accum2
       step gpu_tests 120 python3 -m pytest -q -x tests/gpu ;;
+    fsdp_probe)  # where one-rank FSDP's step time goes: phases and top ops, against DDP
+      for v in "ddp:parallel=ddp" "fsdp:parallel=fsdp" "fsdp_noreshard:parallel=fsdp parallel.reshard_after_forward=false"; do
+        name=${v%%:*}; rm -rf /tmp/probe_$name
+        step probe_$name 90 python3 -m launcher experiment=gpt2_small recipe.data.max_bytes=4000000 ${v#*:} \
+          train.steps=20 train.log_every=1 train.compile=false train.eval_every=0 checkpoint.every=0 logger.progress_bar=false \
+          profile.enabled=true profile.wait=14 profile.warmup=2 profile.active=3 run.dir=/tmp/probe_$name
+        python3 - "$name" <<'PY'
+import json, statistics, sys
+name = sys.argv[1]
+lines = [json.loads(l) for l in open(f"/tmp/probe_{name}/metrics.jsonl") if '"loss"' in l]
+keys = [k for k in lines[-1] if k.startswith("time_") or k == "step_time_s"]
+print(name, {k: round(statistics.median(l[k] for l in lines[5:14] if k in l) * 1e3, 2) for k in keys}, "ms")
+PY
+        cp /tmp/probe_$name/profile/key_averages_rank0_*.txt "$out/ops_$name.txt" 2>/dev/null
+        head -45 "$out/ops_$name.txt" 2>/dev/null | cut -c1-190
+      done ;;
     hooks)
       step hooks 100 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --hooks ddp_no_hook,fp16,fp16_builtin,fp16_direct,fp16_direct_side,powersgd_r4_ours ;;

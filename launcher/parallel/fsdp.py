@@ -8,8 +8,9 @@ gradient and of its optimizer state. Before a unit computes, its parameters are 
 `param_dtype`); after its backward, its gradients are reduce-scattered (in `reduce_dtype`) and, with
 hybrid sharding, all-reduced across the replica groups.
 
-Activation checkpointing and torch.compile apply per block before sharding (torchtitan's order), and
-the recipe's loss is compiled on its own so the logits' fp32 upcast fuses into its kernels.
+Activation checkpointing and torch.compile apply per block before sharding (torchtitan's order); `post`
+and the recipe's loss are compiled together (with_loss.BodyThenCompiledTail), so the logits' fp32
+upcast and log-softmax fuse into the kernels that read them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from launcher.config.schema import (
 from launcher.errors import ConfigError
 from launcher.launch.dist import DistSession
 from launcher.parallel.strategy import Batch
-from launcher.parallel.with_loss import WithLoss
+from launcher.parallel.with_loss import BodyThenCompiledTail, WithLoss
 from launcher.recipe import BlockLayout, block_layout, resolve_blocks
 from launcher.train.activation_checkpointing import checkpoint_blocks
 from launcher.train.fp8 import convert_to_fp8
@@ -266,15 +267,18 @@ class FSDPStrategy:
             if cfg.train.activation_checkpointing:
                 checkpoint_blocks(blocks)
             if cfg.train.compile_on:  # per block, before sharding (torchtitan): FSDP's hooks stay eager
-                for module in (model.get_submodule(layout.pre), *blocks, model.get_submodule(layout.post)):
+                for module in (model.get_submodule(layout.pre), *blocks):
                     module.compile()
         self.policy = mp_policy(cfg.precision, p.param_dtype, p.reduce_dtype)
         self.units = shard_units(model, layout, self.mesh, self.policy, p.offload, p.reshard_after_forward)
         self.module = model
         self.reduce_every_micro_step = p.reduce_every_micro_step
-        # The loss compiled on its own: the logits' upcast and log-softmax fuse (see with_loss.py).
-        loss = torch.compile(recipe.loss) if cfg.train.compile_on else recipe.loss
-        self.model = WithLoss(model, loss)
+        # Compiled: `post` and the loss as one graph, so the logits' upcast and log-softmax fuse into
+        # the head's consumers (see with_loss.py). Without a layout, the loss compiled on its own.
+        if cfg.train.compile_on and layout is not None:
+            self.model = BodyThenCompiledTail(model, model.get_submodule(layout.post), recipe.loss)
+        else:
+            self.model = WithLoss(model, torch.compile(recipe.loss) if cfg.train.compile_on else recipe.loss)
         self.comm_hook = None
         self.comm_stats = (
             FSDPCommStats(
@@ -303,6 +307,8 @@ class FSDPStrategy:
         return total
 
     def eval_forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        if isinstance(self.model, BodyThenCompiledTail):
+            return self.model.outputs(inputs)
         return self.module(inputs)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

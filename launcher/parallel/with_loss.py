@@ -27,3 +27,41 @@ class WithLoss(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.model(inputs), targets)
+
+
+class BodyThenCompiledTail(nn.Module):
+    """`loss(post(body(inputs)))`, with the model's `post` part and the loss compiled as one function.
+
+    For strategies whose hooks run between units, where the whole model cannot be one graph (FSDP):
+    the head's matmul and the loss still fuse, so the logits' fp32 upcast and log-softmax never exist
+    (what `WithLoss` buys a compiled DDP run). `post.forward` becomes a pass-through, so the model's
+    own forward (and the hooks around `post`) run as before and return `post`'s input; the layout's
+    contract, `model(x) == post(blocks(...pre(x)))`, makes the two equal.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        post: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.post_forward = post.forward
+        self.loss_fn = loss_fn
+        post.forward = _pass_through
+        self.tail = torch.compile(self._tail)
+
+    def _tail(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.post_forward(hidden), targets)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.model(inputs), targets)
+
+    def outputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """What the unchanged model returns (for evaluation): `post` applied eagerly."""
+        return self.post_forward(self.model(inputs))
+
+
+def _pass_through(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden

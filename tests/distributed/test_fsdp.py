@@ -214,6 +214,19 @@ def test_bf16_mixed_precision_trains_close_to_fp32(reference, tmp_path):
     assert last["allgather_bytes"] < numel * 4
 
 
+def test_compiled_two_ranks_match_one_process(reference, tmp_path):
+    """train.compile=true: blocks compiled one by one, `post` and the loss as one graph
+    (with_loss.BodyThenCompiledTail), evaluation through the eager `post`."""
+    result = launch(
+        [*ARGS, *FSDP, "train.micro_batch_size=4", "train.compile=true", "checkpoint.every=6"],
+        tmp_path,
+        nproc=2,
+        timeout=900,
+    )
+    assert_ok(result)
+    assert_matches(result, reference, steps=range(1, 7), params_at=(6,))
+
+
 def test_digits_two_ranks_match_one_process(tmp_path):
     # 361 eval samples: rank 0 has 46 batches of 4, rank 1 has 45 (lockstep again).
     args = [
