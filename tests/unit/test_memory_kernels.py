@@ -106,18 +106,67 @@ def test_lstm_keeps_cudnn_reserve_and_takes_its_workspace():
     assert tracker.peak == before + workspace  # taken before anything the kernel returns
 
 
-def test_compiled_forward_keeps_matmul_outputs_and_drops_what_backward_can_redo():
-    """The partitioner model: a GELU's output is redone from its (kept) input; the matmul output that
-    feeds it stays; a cast of a parameter is redone from the parameter."""
-    mlp = nn.Sequential(nn.Linear(D, 4 * D, bias=False), nn.GELU(), nn.Linear(4 * D, D, bias=False))
+class SiluMLP(nn.Module):
+    """fc2(sigmoid(h) * h), h = fc1(x): the sigmoid's output is read by a pointwise op only, the
+    product by a matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(D, 4 * D, bias=False), nn.Linear(4 * D, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(torch.sigmoid(h) * h)
+
+
+def saved_by_torch_partitioner(module: nn.Module, x: torch.Tensor) -> int:
+    """Allocated bytes of the activations torch's own min-cut partitioner, with Inductor's
+    decompositions, saves for backward (inputs and parameters left out): the reference."""
+    from functools import partial
+
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    saved: list[torch.Tensor] = []
+
+    def forward_compiler(gm, example_inputs):  # noqa: ANN001
+        outputs = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+        inputs = {id(n.meta["val"].untyped_storage()) for n in gm.graph.nodes if n.op == "placeholder"}
+        storages = {}
+        for node in outputs[1:]:  # [0] is the model's output; the rest is saved for backward
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and id(val.untyped_storage()) not in inputs:  # views too
+                storages.setdefault(id(val.untyped_storage()), val)
+        saved.extend(storages.values())
+        return gm
+
+    backend = aot_autograd(
+        fw_compiler=forward_compiler,
+        bw_compiler=lambda gm, _: gm,
+        partition_fn=partial(min_cut_rematerialization_partition, compiler="inductor"),
+        decompositions=select_decomp_table(),
+    )
+    torch._dynamo.reset()
+    torch.compile(module, backend=backend)(x).sum().backward()
+    return sum(allocated_bytes(t.untyped_storage().nbytes()) for t in saved)
+
+
+def test_compiled_forward_saves_what_torch_partitioner_saves():
+    """The partitioner model against torch's partitioner itself: the sigmoid's output is redone from
+    the (kept) matmul output; the product, which a matmul reads in backward, is saved although it
+    could be redone (the partitioner's materialized-in-backward ban)."""
+    torch.manual_seed(0)
+    reference = saved_by_torch_partitioner(SiluMLP(), torch.randn(B, T, D, requires_grad=True))
     with fake_mode():
-        model = materialize(_meta(lambda: mlp))
+        model = materialize(_meta(SiluMLP))
         x = torch.empty(B, T, D, requires_grad=True)
         eager = trace_forward(model, x)
         compiled = trace_forward(model, x, compiled=True)
-    hidden = allocated_bytes(B * T * 4 * D * 4)
-    assert eager.live["forward"] - compiled.live["forward"] == hidden  # the GELU output
-    assert compiled.live["forward"] >= hidden  # the first matmul's output is still saved
+    hidden, output = allocated_bytes(B * T * 4 * D * 4), allocated_bytes(B * T * D * 4)
+    assert reference == 2 * hidden  # fc1's output and the product
+    assert compiled.live["forward"] - output == reference
+    assert eager.live["forward"] - compiled.live["forward"] == hidden  # the sigmoid's output
 
 
 def _meta(make):
