@@ -25,8 +25,12 @@ for part in "$@"; do
       step fsdp_memory 150 python3 bench/bench_memory.py --steps 4 --jobs 4 \
         --only b_bf16_mb16,b_bf16_mb16_fsdp,b_bf16_mb16_ac_fsdp,b_fp32_mb8_fsdp_zero2_accum2
       step gpu_tests 120 python3 -m pytest -q -x tests/gpu ;;
-    fsdp_probe)  # where one-rank FSDP's step time goes: phases and top ops, against DDP
-      for v in "ddp:parallel=ddp" "fsdp:parallel=fsdp" "fsdp_noreshard:parallel=fsdp parallel.reshard_after_forward=false"; do
+    fsdp_compiled)  # the compiled pair alone (BodyThenCompiledTail)
+      step fsdp_compiled 100 python3 bench/bench_speed.py --steps 20 --cases launcher_compiled,launcher_fsdp_compiled ;;
+    fsdp_probe | fsdp_probe_min)  # where one-rank FSDP's step time goes: phases and top ops, against DDP
+      variants=("ddp:parallel=ddp" "fsdp:parallel=fsdp")
+      [ "$part" = fsdp_probe ] && variants+=("fsdp_noreshard:parallel=fsdp parallel.reshard_after_forward=false")
+      for v in "${variants[@]}"; do
         name=${v%%:*}; rm -rf /tmp/probe_$name
         step probe_$name 90 python3 -m launcher experiment=gpt2_small recipe.data.max_bytes=4000000 ${v#*:} \
           train.steps=20 train.log_every=1 train.compile=false train.eval_every=0 checkpoint.every=0 logger.progress_bar=false \
