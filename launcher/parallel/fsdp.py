@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -312,24 +313,40 @@ class FSDPStrategy:
         return self.module(inputs)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return clip_sharded(self.module.parameters(), max_norm).to(self.session.device)
+        shard_group = self.mesh["dp_shard"].get_group()
+        return clip_sharded(self.module.parameters(), max_norm, self.session.device, shard_group)
 
     def mean_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return self.session.all_reduce(loss.detach().clone(), "avg")
 
 
-def clip_sharded(parameters: Any, max_norm: float) -> torch.Tensor:
+def clip_sharded(
+    parameters: Any, max_norm: float, device: torch.device, shard_group: Any = None
+) -> torch.Tensor:
     """The global gradient norm over sharded (DTensor) gradients, clipped if max_norm > 0; a plain tensor.
 
-    DTensor computes each shard's partial norm and reduces it over the mesh, so the norm is the whole
-    model's (replicas of a hybrid mesh hold equal, already-reduced shards and are not counted twice).
+    Computed on the local shards: the sum of their squares, all-reduced over `shard_group` (the mesh's
+    shard dimension: replicas of a hybrid mesh hold equal, already-reduced shards and are not counted
+    twice). The same sum DTensor makes, without its dispatch: on the CPU (1 rank, a 12-block GPT too
+    small to compute much, fused AdamW) the optimizer phase went from 5.8-6.1 to 4.7-4.9 ms a step,
+    host time a GPU would wait through; the gradient norm was equal to every printed digit.
     """
-    params = [p for p in parameters if p.grad is not None]
-    if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    return full_tensor(norm)
+    local = [_local(p.grad) for p in parameters if p.grad is not None]
+    squares = (torch.nn.utils.get_total_norm(local).float() ** 2).to(device)  # offloaded grads: on the CPU
+    if shard_group is not None and dist.get_world_size(shard_group) > 1:
+        dist.all_reduce(squares, group=shard_group)
+    norm = squares.sqrt()
+    if max_norm > 0 and local:  # as torch.nn.utils.clip_grad_norm_ scales
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(local, coef.to(local[0].device))
+    return norm
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself, not a differentiable view: gradients need none)."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
