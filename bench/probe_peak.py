@@ -53,7 +53,7 @@ def peak_live(snapshot: dict) -> tuple[int, list[tuple[int, list[dict]]]]:
     return best, best_live
 
 
-def run(name: str) -> None:
+def run(name: str, stacks: bool = True) -> None:
     overrides = {**CASES, **HELDOUT, **HELDOUT_2}[name]
     request = cli.parse_argv(list(overrides))
     cli.register_all(request.overrides)
@@ -63,7 +63,10 @@ def run(name: str) -> None:
     device = torch.device("cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+    if stacks:
+        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+    else:  # no Python stacks: the LSTM case failed under them (torch._VF.lstm returned NULL, 2026-12-06)
+        torch.cuda.memory._record_memory_history(max_entries=200_000, context=None)
     model = recipe.build_model()
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(resolve_blocks(model, block_layout(recipe)))
@@ -107,6 +110,11 @@ def main() -> None:
             run(name)
         except Exception as err:  # noqa: BLE001 - one case must not hide the others
             print(f"\n## {name}: failed: {err!r}"[:500])
+            torch.cuda.memory._record_memory_history(enabled=None)
+            try:
+                run(name, stacks=False)
+            except Exception as again:  # noqa: BLE001
+                print(f"\n## {name} without stacks: failed: {again!r}"[:500])
         torch._dynamo.reset()
 
 
