@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -118,3 +120,16 @@ def test_auto_pick_is_the_same_on_both_ranks_and_a_resume_keeps_it(tmp_path):
     assert "resumed from step 2" in second.output
     assert [m["step"] for m in second.train_lines()] == [1, 2, 3, 4]
     assert all(m["global_batch_size"] == 32 for m in second.train_lines())
+
+
+def test_python_m_launcher_estimate_is_the_public_entry():
+    """`python -m launcher.estimate` (a thin module at the top; the command lives in launcher/memory/)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.estimate", "recipe=digits", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["fits"] is True and report["ranks"][0]["parts"]["parameters"] > 0
