@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Device calls for the open GPU acceptance points (issues 20, 21, 24), each step bounded so one slow
+# Bounded device calls for GPU acceptance points: each named part runs with its own timeout, so one slow
 # bench cannot starve the rest. Outputs land in $OUT (or /tmp/gpu_out).
 # Usage on the GPU node, from the repo root, after installing the .whl wheels:
 #   bash bench/gpu_open_issues.sh fsdp hooks      # FSDP speed/memory/GPU tests, comm-hook variants (~8 min)
 #   bash bench/gpu_open_issues.sh heldout heldout2 peaks   # held-out memory tables, allocator peaks (~9 min)
+#   bash bench/gpu_open_issues.sh memory serve observe     # issues 11, 15, 13 (was bench/gpu_session.sh)
 set -u
 out=${OUT:-/tmp/gpu_out}
 mkdir -p "$out"
@@ -47,9 +48,15 @@ PY
       done ;;
     hooks)
       step hooks 100 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
-        --hooks ddp_no_hook,fp16,fp16_builtin,fp16_direct,fp16_direct_side,powersgd_r4_ours ;;
+        --hooks ddp_no_hook,fp16,fp16_builtin,powersgd_r4_ours ;;
     fp8)
       step fp8 280 python3 bench/bench_speed.py --steps 30 --cases d4096_bf16,d4096_fp8_tensorwise,d4096_fp8_tensorwise_head ;;
+    memory)  # issue 11's table, the refusal demo and the leak check
+      step memory "${MEMORY_S:-320}" python3 bench/bench_memory.py --steps 4 --out "$out/memory.jsonl" ;;
+    serve)
+      step serve "${SERVE_S:-110}" python3 bench/bench_serve.py --quick ;;
+    observe)
+      step observe "${OBSERVE_S:-110}" python3 bench/bench_observe.py --quick --out "$out/observe.json" ;;
     heldout)
       step heldout 300 python3 bench/bench_memory.py --suite heldout --jobs 6 --steps 4 --out "$out/heldout.jsonl" ;;
     heldout2)
