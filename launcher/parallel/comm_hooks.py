@@ -9,7 +9,6 @@ not offered: it asserted in `_orthogonalize` on the GPT recipe (2x H200).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,7 +151,7 @@ def cast_compress_hook(state, bucket):  # unannotated: DDP checks annotations an
             side = state.streams[buffer.device] = torch.cuda.Stream(buffer.device)
         # The side stream waits for the gradients (and for the last step's copy out of `wire`).
         side.wait_stream(torch.cuda.current_stream(buffer.device))
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+    with torch.cuda.stream(side):  # None (CPU): no stream switch
         torch.div(buffer, dist.get_world_size(group), out=wire)  # pre-divide as DDP does, cast in one pass
         return dist.all_reduce(wire, group=group, async_op=True).get_future().then(_value)
 

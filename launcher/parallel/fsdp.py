@@ -308,9 +308,7 @@ class FSDPStrategy:
         return total
 
     def eval_forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-        if isinstance(self.model, BodyThenCompiledTail):
-            return self.model.outputs(inputs)
-        return self.module(inputs)
+        return self.model.outputs(inputs)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         shard_group = self.mesh["dp_shard"].get_group()
@@ -320,9 +318,7 @@ class FSDPStrategy:
         return self.session.all_reduce(loss.detach().clone(), "avg")
 
 
-def clip_sharded(
-    parameters: Any, max_norm: float, device: torch.device, shard_group: Any = None
-) -> torch.Tensor:
+def clip_sharded(parameters: Any, max_norm: float, device: torch.device, shard_group: Any) -> torch.Tensor:
     """The global gradient norm over sharded (DTensor) gradients, clipped if max_norm > 0; a plain tensor.
 
     Computed on the local shards: the sum of their squares, all-reduced over `shard_group` (the mesh's
@@ -333,7 +329,7 @@ def clip_sharded(
     """
     local = [_local(p.grad) for p in parameters if p.grad is not None]
     squares = (torch.nn.utils.get_total_norm(local).float() ** 2).to(device)  # offloaded grads: on the CPU
-    if shard_group is not None and dist.get_world_size(shard_group) > 1:
+    if dist.get_world_size(shard_group) > 1:
         dist.all_reduce(squares, group=shard_group)
     norm = squares.sqrt()
     if max_norm > 0 and local:  # as torch.nn.utils.clip_grad_norm_ scales

@@ -28,6 +28,10 @@ class WithLoss(nn.Module):
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.model(inputs), targets)
 
+    def outputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's outputs alone (for evaluation)."""
+        return self.model(inputs)
+
 
 class BodyThenCompiledTail(nn.Module):
     """`loss(post(body(inputs)))`, with the model's `post` part and the loss compiled as one function.
