@@ -232,7 +232,10 @@ def run_launcher(name: str, steps: int, workdir: Path, cases: dict = LAUNCHER_CA
         print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
         return {"case": name, "error": f"exit {proc.returncode}"}
     lines = [json.loads(x) for x in (workdir / name / "metrics.jsonl").read_text().splitlines()]
-    train = [m for m in lines if "loss" in m][2:] or [m for m in lines if "loss" in m]
+    logged = [m for m in lines if "loss" in m]
+    if len(logged) < 3:
+        raise SystemExit(f"{name}: {len(logged)} logged windows; use --steps >= 30 (two are warm-up)")
+    train = logged[2:]
     evals = [m["eval_loss"] for m in lines if "eval_loss" in m]
     return {
         "case": name,

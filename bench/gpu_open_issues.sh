@@ -21,13 +21,15 @@ step() {  # name, seconds, command...
 for part in "$@"; do
   case $part in
     fsdp)
-      step fsdp_speed 260 python3 bench/bench_speed.py --steps 30 \
+      step fsdp_speed 260 python3 bench/bench_speed.py --steps 40 \
         --cases launcher_compiled,launcher_fsdp_compiled,launcher_eager,launcher_fsdp_eager
       step fsdp_memory 150 python3 bench/bench_memory.py --steps 4 --jobs 4 \
         --only b_bf16_mb16,b_bf16_mb16_fsdp,b_bf16_mb16_ac_fsdp,b_fp32_mb8_fsdp_zero2_accum2
       step gpu_tests 120 python3 -m pytest -q -x tests/gpu ;;
     fsdp_compiled)  # the compiled pair alone (BodyThenCompiledTail)
-      step fsdp_compiled 100 python3 bench/bench_speed.py --steps 20 --cases launcher_compiled,launcher_fsdp_compiled ;;
+      step fsdp_compiled 130 python3 bench/bench_speed.py --steps 40 --cases launcher_compiled,launcher_fsdp_compiled ;;
+    heldout2_compile_ac)
+      step heldout2_compile_ac 90 python3 bench/bench_memory.py --suite heldout2 --only gpt_d1024_compile_ac_mb8 --steps 4 ;;
     fsdp_probe | fsdp_probe_min)  # where one-rank FSDP's step time goes: phases and top ops, against DDP
       variants=("ddp:parallel=ddp" "fsdp:parallel=fsdp")
       [ "$part" = fsdp_probe ] && variants+=("fsdp_noreshard:parallel=fsdp parallel.reshard_after_forward=false")
@@ -36,7 +38,7 @@ for part in "$@"; do
         step probe_$name 90 python3 -m launcher experiment=gpt2_small recipe.data.max_bytes=4000000 ${v#*:} \
           train.steps=20 train.log_every=1 train.compile=false train.eval_every=0 checkpoint.every=0 logger.progress_bar=false \
           profile.enabled=true profile.wait=14 profile.warmup=2 profile.active=3 run.dir=/tmp/probe_$name
-        python3 - "$name" <<'PY'
+        python3 - "$name" <<'PY' | tee -a "$out/phases.txt"
 import json, statistics, sys
 name = sys.argv[1]
 lines = [json.loads(l) for l in open(f"/tmp/probe_{name}/metrics.jsonl") if '"loss"' in l]
@@ -45,6 +47,16 @@ print(name, {k: round(statistics.median(l[k] for l in lines[5:14] if k in l) * 1
 PY
         cp /tmp/probe_$name/profile/key_averages_rank0_*.txt "$out/ops_$name.txt" 2>/dev/null
         head -45 "$out/ops_$name.txt" 2>/dev/null | cut -c1-190
+      done ;;
+    fsdp_probe_compiled)  # compiled DDP and FSDP: profiler traces (gzipped) for the GPU's idle gaps
+      for v in "ddp:parallel=ddp" "fsdp:parallel=fsdp"; do
+        name=${v%%:*}; rm -rf /tmp/probec_$name
+        step probec_$name 120 python3 -m launcher experiment=gpt2_small recipe.data.max_bytes=4000000 ${v#*:} \
+          train.steps=24 train.log_every=1 train.compile=true train.eval_every=0 checkpoint.every=0 \
+          logger.progress_bar=false profile.enabled=true profile.wait=18 profile.warmup=2 profile.active=2 profile.row_limit=40 \
+          run.dir=/tmp/probec_$name
+        for f in /tmp/probec_$name/profile/*; do gzip -c "$f" > "$out/c_${name}_$(basename "$f").gz"; done
+        grep -h '"loss"' /tmp/probec_$name/metrics.jsonl | tail -3 | cut -c1-400
       done ;;
     hooks)
       step hooks 100 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
@@ -62,7 +74,9 @@ PY
     heldout2)
       step heldout2 120 python3 bench/bench_memory.py --suite heldout2 --jobs 6 --steps 4 --out "$out/heldout2.jsonl" ;;
     peaks)
-      step peaks 120 python3 bench/probe_peak.py lstm_fp32_ac_mb32 conv_fp32_sgd_ac_mb64 ;;
+      step peaks 150 python3 bench/probe_peak.py lstm_fp32_ac_mb32 lstm_bf16_ac_mb64 conv_fp32_sgd_ac_mb64 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done
+# The device tool brings back at most 8 files: everything as one archive beside the summary.
+tar czf /tmp/gpu_out.tgz -C "$out" . && find "$out" -type f ! -name gpu.txt -delete && mv /tmp/gpu_out.tgz "$out/all.tgz"

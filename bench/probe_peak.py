@@ -101,6 +101,13 @@ def run(name: str, stacks: bool = True) -> None:
         counts[key] += 1
     for (size, at), total in groups.most_common(30):
         print(f"{total / 2**20:9.1f} MiB  {counts[(size, at)]:4d} x {size / 2**20:8.2f} MiB  {at}")
+    segments = Counter()  # what the reserved bytes are made of: segment size -> (count, allocated now)
+    for seg in snapshot["segments"]:
+        n, used = segments.get(seg["total_size"], (0, 0))
+        segments[seg["total_size"]] = (n + 1, used + seg["allocated_size"])
+    print("segments (size MiB: count, allocated at the end MiB):")
+    for size, (n, used) in sorted(segments.items(), reverse=True)[:15]:
+        print(f"  {size / 2**20:9.2f}: {n:4d}, {used / 2**20:9.1f}")
     del step_model, model, optimizer, batch
 
 

@@ -333,7 +333,8 @@ class FSDPConfig:
     """true (ZeRO-3): free each block's gathered parameters after its forward and all-gather them again
     in backward (least memory). false (ZeRO-2 behaviour): keep them from forward to backward, one
     all-gather fewer per block per micro-step, the whole model's gathered parameters in memory at the
-    end of forward. The last block and `post` are kept either way (backward needs them first)."""
+    end of forward. The last block and `post` are kept either way (backward needs them first), and a
+    one-rank shard group (dp_shard=1) never reshards: its ranks hold whole parameters already."""
     param_dtype: FSDPDtype = FSDPDtype.auto
     """Dtype of the all-gathered parameters the forward and backward compute with (the shards stay
     fp32 for the optimizer). auto = the precision's: bf16 for precision=bf16/fp8, fp16 for fp16, fp32

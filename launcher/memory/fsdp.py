@@ -103,7 +103,7 @@ class Sharding:
 
 
 def sharding_of(cfg: Config, world_size: int) -> Sharding:
-    from launcher.parallel.fsdp import ShardDims, mp_policy
+    from launcher.parallel.fsdp import ShardDims, mp_policy, reshards_after_forward
 
     p = cfg.parallel
     dims = ShardDims.resolve(p.dp_replicate, p.dp_shard, world_size)
@@ -114,7 +114,7 @@ def sharding_of(cfg: Config, world_size: int) -> Sharding:
         dims.replicate,
         param.itemsize,
         (policy.reduce_dtype or param).itemsize,
-        p.reshard_after_forward,
+        reshards_after_forward(p.reshard_after_forward, dims),
         p.offload,
         cfg.train.grad_accum_steps > 1 and not p.reduce_every_micro_step,
     )

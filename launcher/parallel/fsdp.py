@@ -89,6 +89,17 @@ class ShardDims:
         return (self.shard,), ("dp_shard",)
 
 
+def reshards_after_forward(requested: bool, dims: ShardDims) -> bool:
+    """Whether units free their gathered parameters after forward (`parallel.reshard_after_forward`).
+
+    Not on a one-rank shard group (dp_shard=1: one GPU, or hybrid replicas of whole copies): each rank
+    holds every parameter whole, so resharding frees only the param_dtype copies and costs every unit
+    a second gather in backward, host time the GPU waits through. One H100, compiled GPT-2-small on a
+    one-rank mesh (bench/RESULTS.md): 269,822 tokens/s with it, 348,845 without.
+    """
+    return requested and dims.shard > 1
+
+
 def mp_policy(precision: PrecisionConfig, param: FSDPDtype, reduce: FSDPDtype) -> MixedPrecisionPolicy:
     """Parameter (compute) and reduction dtypes: auto follows `precision=`; reductions default to fp32."""
     param_dtype = DTYPES[precision.dtype] if param == FSDPDtype.auto else _NAMED[param]
@@ -271,7 +282,8 @@ class FSDPStrategy:
                 for module in (model.get_submodule(layout.pre), *blocks):
                     module.compile()
         self.policy = mp_policy(cfg.precision, p.param_dtype, p.reduce_dtype)
-        self.units = shard_units(model, layout, self.mesh, self.policy, p.offload, p.reshard_after_forward)
+        reshard = reshards_after_forward(p.reshard_after_forward, self.dims)
+        self.units = shard_units(model, layout, self.mesh, self.policy, p.offload, reshard)
         self.module = model
         self.reduce_every_micro_step = p.reduce_every_micro_step
         # Compiled: `post` and the loss as one graph, so the logits' upcast and log-softmax fuse into

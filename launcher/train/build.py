@@ -41,7 +41,7 @@ from launcher.parallel.strategy import Strategy
 from launcher.train.checkpoint import Checkpointer
 from launcher.train.data import TrainStream, is_streaming
 from launcher.train.nonfinite_guard import NonFiniteGuard
-from launcher.train.optim import build_optimizer, build_scheduler
+from launcher.train.optim import build_optimizer, build_scheduler, step_on_local_shards
 from launcher.train.precision import MixedPrecision
 from launcher.train.state import seed_everything
 
@@ -68,6 +68,7 @@ def optimization(
 ) -> tuple[torch.optim.Optimizer, Any, MixedPrecision, NonFiniteGuard]:
     """(optimizer, learning-rate scheduler, mixed precision, non-finite guard) for the strategy's model."""
     optimizer = build_optimizer(built.module.named_parameters(), cfg.optim, built.param_device)
+    step_on_local_shards(optimizer)  # sharded (DTensor) parameters: the step skips DTensor's dispatch
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     amp = MixedPrecision(cfg.precision, session.device)
     return optimizer, scheduler, amp, NonFiniteGuard(optimizer, session.device, amp.scaling)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import types
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -30,6 +32,71 @@ def build_optimizer(
     if isinstance(cfg, SGDConfig):
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     raise TypeError(f"no optimizer for config type {type(cfg).__name__}")
+
+
+def step_on_local_shards(optimizer: torch.optim.Optimizer) -> None:
+    """Run `optimizer.step` on the local shards of DTensor parameters (FSDP2) instead of through DTensor.
+
+    Why: DTensor dispatches each fused/foreach optimizer op in Python, unwrapping every tensor of every
+    list on every call: host time the GPU waits through once the step is host-bound. The update is
+    elementwise per shard, so the shards give the same numbers. Between steps the optimizer keeps its
+    DTensor parameters and DTensor state (what DCP saves and reshards on load); during a step it sees
+    the local tensors, rebuilt from those each time (a load may replace them). A no-op without DTensors.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
+        return
+    plain_step = optimizer.step
+
+    def step(self: torch.optim.Optimizer, *args, **kwargs):  # noqa: ANN202 - the optimizer's own
+        groups = [g["params"] for g in self.param_groups]
+        state = self.state
+        local_state: dict = defaultdict(dict)
+        for group, params in zip(self.param_groups, groups):
+            shards = []
+            for p in params:
+                shard = p._local_tensor if isinstance(p, DTensor) else p
+                grad = p.grad
+                shard.grad = grad._local_tensor if isinstance(grad, DTensor) else grad
+                if p in state:
+                    local_state[shard] = {k: _local(v) for k, v in state[p].items()}
+                shards.append(shard)
+            group["params"] = shards
+        self.state = local_state
+        try:
+            return plain_step(*args, **kwargs)
+        finally:
+            for group, params in zip(self.param_groups, groups):
+                for p, shard in zip(params, group["params"]):
+                    shard.grad = None if shard is not p else shard.grad
+                    if p not in state and shard in local_state:  # first step: new state, as DTensors
+                        state[p] = {k: _like(p, k, v) for k, v in local_state[shard].items()}
+                group["params"] = params
+            self.state = state
+
+    # A bound method, as LR schedulers expect to wrap (they read step.__func__).
+    optimizer.step = types.MethodType(step, optimizer)
+
+
+def _local(t: object) -> object:
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _like(param: torch.Tensor, key: str, value: object) -> object:
+    """A new per-element state tensor of a DTensor parameter's shard as a DTensor sharded like it (the
+    view DCP saves); the step counter and anything not shaped like the shard stay as they are."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor) or not isinstance(value, torch.Tensor) or key == "step":
+        return value
+    if value.shape != param._local_tensor.shape:
+        return value
+    return DTensor.from_local(
+        value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -105,3 +105,18 @@ def test_estimate_command_shows_per_rank_sharded_parts_and_suggests_fsdp(capsys)
     ]
     assert main([*big, "estimate.gpu=0.66"]) == 5
     assert "parallel=fsdp comm_hook=none    ->" in capsys.readouterr().out
+
+
+def test_one_rank_shard_group_never_reshards(job):
+    """dp_shard=1 holds whole parameters: the estimate (and the strategy) keep gathered units."""
+    from launcher.parallel.fsdp import ShardDims, reshards_after_forward
+
+    assert reshards_after_forward(True, ShardDims(1, 8))
+    assert not reshards_after_forward(False, ShardDims(1, 8))
+    assert not reshards_after_forward(True, ShardDims(4, 1))
+    _, one = rank(job, world_size=1)
+    _, one_zero2 = rank(job, world_size=1, parallel__reshard_after_forward=False)
+    assert one.parts == one_zero2.parts
+    _, eight = rank(job)
+    _, eight_zero2 = rank(job, parallel__reshard_after_forward=False)
+    assert eight.parts != eight_zero2.parts
