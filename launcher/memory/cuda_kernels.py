@@ -20,6 +20,8 @@ records each CUDA op's outputs and the allocator's peak during it; the docstring
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -163,15 +165,17 @@ class _CudnnLSTM(torch.autograd.Function):
         )
         elements = batch * steps * hidden * layers * directions
         per_layer = batch * steps * hidden * directions
-        workspace = torch.empty(per_layer * LSTM_WORKSPACE_BYTES[dtype], dtype=torch.uint8)
-        del workspace  # taken while the kernel runs, one layer at a time
-        reserve = torch.empty(LSTM_RESERVE_PER_ELEMENT * elements * x.element_size(), dtype=torch.uint8)
+        # In aten's _cudnn_rnn order: the outputs, then the workspace, then the reserve; the workspace
+        # is freed when the kernel returns, so all of them are alive together while it runs.
         out_shape = (
             (batch, steps, hidden * directions) if batch_first else (steps, batch, hidden * directions)
         )
         out = torch.empty(out_shape, dtype=dtype)
         h = torch.empty((layers * directions, batch, hidden), dtype=dtype)
         c = torch.empty((layers * directions, batch, hidden), dtype=dtype)
+        workspace = torch.empty(per_layer * LSTM_WORKSPACE_BYTES[dtype], dtype=torch.uint8)
+        reserve = torch.empty(LSTM_RESERVE_PER_ELEMENT * elements * x.element_size(), dtype=torch.uint8)
+        del workspace
         ctx.save_for_backward(x, h0, c0, out, reserve, *([flat] if flat is not None else []))
         ctx.geometry, ctx.shapes = geometry, [(w.shape, w.dtype) for w in weights]
         ctx.input_dtype = input.dtype
@@ -183,9 +187,19 @@ class _CudnnLSTM(torch.autograd.Function):
         x, h0, c0 = saved[:3]
         _, directions, hidden, _ = ctx.geometry
         per_layer = x.shape[0] * x.shape[1] * hidden * directions
-        workspace = torch.empty(per_layer * LSTM_WORKSPACE_BYTES[x.dtype], dtype=torch.uint8)
-        del workspace  # smaller than forward's in every probe: an upper bound
-        grad_x = torch.empty_like(x).to(ctx.input_dtype)
-        grads = [torch.empty(shape, dtype=x.dtype).to(dtype) for shape, dtype in ctx.shapes]
-        del saved
-        return (None, None, grad_x, torch.empty_like(h0), torch.empty_like(c0), *grads)
+        workspace_bytes = per_layer * LSTM_WORKSPACE_BYTES[x.dtype]  # smaller than forward's: a bound
+        # aten's order: the input gradients, a workspace while that kernel runs; then the weights'
+        # gradients (one flat buffer) and a workspace again while theirs runs.
+        grad_x, grad_h, grad_c = torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0)
+        workspace = torch.empty(workspace_bytes, dtype=torch.uint8)
+        del workspace
+        flat_grad = torch.empty(sum(math.prod(shape) for shape, _ in ctx.shapes), dtype=x.dtype)
+        workspace = torch.empty(workspace_bytes, dtype=torch.uint8)
+        del workspace
+        grads, offset = [], 0
+        for shape, dtype in ctx.shapes:  # views of the flat buffer (copies when autocast cast them)
+            n = math.prod(shape)
+            grads.append(flat_grad[offset : offset + n].view(shape).to(dtype))
+            offset += n
+        del saved, flat_grad
+        return (None, None, grad_x.to(ctx.input_dtype), grad_h, grad_c, *grads)

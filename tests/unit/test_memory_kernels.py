@@ -91,7 +91,8 @@ def test_convolution_workspace_counts_at_its_moment():
 
 def test_lstm_keeps_cudnn_reserve_and_takes_its_workspace():
     """cuDNN LSTM: output, initial and final states and a reserve of 5 x batch x steps x hidden
-    elements stay for backward; the workspace is momentary."""
+    elements stay for backward; the workspace is momentary, taken after the outputs and alive with the
+    reserve (aten's _cudnn_rnn order), so the peak holds all of them."""
     hidden, steps = 32, 16
     with fake_mode():
         lstm = materialize(_meta(lambda: nn.LSTM(hidden, hidden, batch_first=True)))
@@ -103,7 +104,35 @@ def test_lstm_keeps_cudnn_reserve_and_takes_its_workspace():
     weights = sum(allocated_bytes(p.numel() * 4) for p in lstm.parameters())
     before = weights + allocated_bytes(elements * 4) + 2 * allocated_bytes(B * hidden * 4)  # x, h0, c0
     workspace = allocated_bytes(elements * LSTM_WORKSPACE_BYTES[torch.float32])
-    assert tracker.peak == before + workspace  # taken before anything the kernel returns
+    returned = [elements * 4] + [B * hidden * 4] * 2  # output, final h and c
+    reserve = LSTM_RESERVE_PER_ELEMENT * elements * 4
+    assert tracker.peak == before + sum(allocated_bytes(n) for n in [*returned, reserve]) + workspace
+
+
+def test_lstm_backward_holds_its_gradients_with_the_workspace():
+    """cuDNN LSTM backward: the input gradients, then the weights' gradients as one flat buffer, each
+    while a workspace is taken; the reserve and output stay alive until it returns."""
+    hidden, steps = 32, 16
+    with fake_mode():
+        lstm = materialize(_meta(lambda: nn.LSTM(hidden, hidden, batch_first=True)))
+        x = torch.empty(B, steps, hidden, requires_grad=True)
+        tracker = trace_forward(lstm, x)
+        tracker.peak = 0
+        with tracker, CudaKernels():
+            tracker.phase = "backward"
+            tracker.out[0].sum().backward()
+    elements = B * steps * hidden
+    weights = sum(allocated_bytes(p.numel() * 4) for p in lstm.parameters())
+    flat_grad = allocated_bytes(sum(p.numel() for p in lstm.parameters()) * 4)
+    workspace = allocated_bytes(elements * LSTM_WORKSPACE_BYTES[torch.float32])
+    x_bytes, state = allocated_bytes(elements * 4), allocated_bytes(B * hidden * 4)
+    reserve = allocated_bytes(LSTM_RESERVE_PER_ELEMENT * elements * 4)
+    # weights, x, h0, c0, the saved output and final states, the reserve; then dx, dh, dc, the flat dW
+    # and a workspace together. Beside them only 512-byte blocks: the loss's gradient and the zero
+    # gradients autograd makes for the unused final states.
+    alive = weights + x_bytes + 2 * state + x_bytes + 2 * state + reserve
+    expected = alive + x_bytes + 2 * state + flat_grad + workspace
+    assert 0 <= tracker.peak - expected <= 4 * 512
 
 
 class SiluMLP(nn.Module):
