@@ -58,6 +58,11 @@ PY
         for f in /tmp/probec_$name/profile/*; do gzip -c "$f" > "$out/c_${name}_$(basename "$f").gz"; done
         grep -h '"loss"' /tmp/probec_$name/metrics.jsonl | tail -3 | cut -c1-400
       done ;;
+    reserved)  # where reserved memory grows on the GPU and in the estimator's replay (conv net, checkpointed)
+      step reserved_snap 120 python3 bench/bench_memory.py --suite heldout --steps 4 \
+        --only conv_fp32_sgd_ac_mb64 --snapshot conv_fp32_sgd_ac_mb64 --snapshot-dir "$out/snaps"
+      step reserved_growth 120 python3 bench/reserved_growth.py conv_fp32_sgd_ac_mb64 \
+        --snapshot "$out/snaps/conv_fp32_sgd_ac_mb64.pickle.gz" ;;
     hooks)
       step hooks 100 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --hooks ddp_no_hook,fp16,fp16_builtin,powersgd_r4_ours ;;
