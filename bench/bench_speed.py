@@ -385,6 +385,9 @@ def print_tables(results: list[dict], hook_results: list[dict], steps: int) -> N
         f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
         f"bf16 autocast, {steps} launcher steps per case"
     )
+    for r in results:
+        if "runs_tokens_per_s" in r:
+            print(f"{r['case']}: median of runs {r['runs_tokens_per_s']} tokens/s")
     main = [r for r in results if r["case"] in ALL_CASES]
     if main:
         print(
@@ -459,6 +462,9 @@ def main() -> None:
     parser.add_argument("--only-hook-cost", action="store_true", help="just the hook-cost table")
     parser.add_argument("--hooks", help="comma-separated subset of the hook-cost cases")
     parser.add_argument("--out", type=Path, help="write every result as JSON lines here")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds over the cases; the tables show each case's median run"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_speed.py needs a CUDA GPU")
@@ -469,18 +475,19 @@ def main() -> None:
     known = {c for suite in SUITES.values() for c in suite}
     if set(cases) - known:
         sys.exit(f"unknown cases {sorted(set(cases) - known)}; choose from {SUITES}")
-    results = []
+    runs: dict[str, list[dict]] = {name: [] for name in cases}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in cases:
-            if name in HAND_CASES:
-                results.append(run_hand(name, args.hand_steps))
-            elif name in FP8_CASES:
-                results.append(run_launcher(name, args.steps, Path(tmp), FP8_CASES))
-            elif name in MB_CASES:
-                results.append(run_launcher(name, args.steps, Path(tmp), MB_CASES))
-            else:
-                results.append(run_launcher(name, args.steps, Path(tmp)))
-            print(json.dumps(results[-1]), flush=True)
+        for r in range(args.repeat):  # rounds over all cases: drift between calls hits each case alike
+            workdir = Path(tmp) / f"round{r}"
+            for name in cases:
+                if name in HAND_CASES:
+                    result = run_hand(name, args.hand_steps)
+                else:
+                    table = next((t for t in (FP8_CASES, MB_CASES) if name in t), LAUNCHER_CASES)
+                    result = run_launcher(name, args.steps, workdir, table)
+                runs[name].append(result)
+                print(json.dumps(result), flush=True)
+    results = [_median_run(rs) for rs in runs.values()]
     only = args.hooks.split(",") if args.hooks else None
     hook_results = run_hook_cost(args.hand_steps, only) if args.hook_cost or args.only_hook_cost else []
     for r in hook_results:
@@ -488,6 +495,17 @@ def main() -> None:
     if args.out:
         args.out.write_text("".join(json.dumps(r) + "\n" for r in results + hook_results))
     print_tables(results, hook_results, args.steps)
+
+
+def _median_run(rs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle of an even count), with every run's listed."""
+    ok = sorted((r for r in rs if "tokens_per_s" in r), key=lambda r: r["tokens_per_s"])
+    if not ok:
+        return rs[-1]
+    median = dict(ok[(len(ok) - 1) // 2])
+    if len(rs) > 1:
+        median["runs_tokens_per_s"] = [round(r["tokens_per_s"]) for r in ok]
+    return median
 
 
 if __name__ == "__main__":

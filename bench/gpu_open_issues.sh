@@ -28,6 +28,9 @@ for part in "$@"; do
       step gpu_tests 120 python3 -m pytest -q -x tests/gpu ;;
     fsdp_compiled)  # the compiled pair alone (BodyThenCompiledTail)
       step fsdp_compiled 130 python3 bench/bench_speed.py --steps 40 --cases launcher_compiled,launcher_fsdp_compiled ;;
+    fsdp_repeat)  # DDP and FSDP, eager and compiled, three interleaved rounds (eager varied 0.92-0.97 between calls)
+      step fsdp_repeat 420 python3 bench/bench_speed.py --steps 40 --repeat 3 \
+        --cases launcher_eager,launcher_fsdp_eager,launcher_compiled,launcher_fsdp_compiled ;;
     heldout2_compile_ac)
       step heldout2_compile_ac 90 python3 bench/bench_memory.py --suite heldout2 --only gpt_d1024_compile_ac_mb8 --steps 4 ;;
     fsdp_probe | fsdp_probe_min)  # where one-rank FSDP's step time goes: phases and top ops, against DDP
