@@ -269,7 +269,7 @@ def _fsdp(cfg: Config, recipe: Any, sample: Any, world_size: int) -> tuple[list[
             -traced["optimizer_state"] // s.shard
         )
     layout = f"fsdp dp_shard={s.shard} dp_replicate={s.replicate}" + (" offload" if s.offload else "")
-    return [RankEstimate("every rank", parts, 0, 0, 0, notes)], layout
+    return [RankEstimate("every rank", parts, 0, 0, 0, notes, traced["reserved_extra"])], layout
 
 
 def _state_notes(trace: Any) -> dict[str, int]:

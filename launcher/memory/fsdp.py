@@ -37,6 +37,7 @@ from launcher.memory.step_trace import (
     CUDA,
     _autocast,
     _create_optimizer_state,
+    _reserved_extra,
     build_meta_model,
     fake_batch,
     fake_mode,
@@ -142,6 +143,19 @@ class ShardedLiveBytes(LiveBytes):
             if workspace:
                 self.peak_breakdown[WORKSPACE] = workspace
             self.peak_phase = self.phase
+
+    def _allocated(self, nbytes: int, tag: str) -> int:
+        return allocated_bytes(int(nbytes * self.weights.get(tag, 1.0)))
+
+    def register(self, tensor: torch.Tensor, tag: str) -> None:
+        """As LiveBytes'; a tensor re-tagged to a differently weighted tag (a gradient, once accumulated)
+        is, to the allocator, the whole tensor freed and its shard allocated."""
+        storage = tensor.untyped_storage()
+        entry = self._entries.get(id(storage)) if storage in self._refs else None
+        if entry is not None and entry[1] and self.weights.get(tag, 1.0) != self.weights.get(entry[0], 1.0):
+            self._event(entry[2], 0)
+            self._event(entry[2], self._allocated(entry[1], tag))
+        super().register(tensor, tag)
 
     def add(self, tag: str, nbytes: int) -> None:
         """Bytes FSDP allocates (or, negative, frees) outside the traced ops."""
@@ -280,6 +294,7 @@ def trace_sharded_step(cfg: Config, recipe: Any, sample: Any, s: Sharding) -> di
             for p in params
         ]
         activations = 0
+        step_start = len(tracker.events)
         try:
             with tracker, CudaKernels():  # attention, dropout, LSTM as CUDA runs them
                 for i in range(micro_steps):
@@ -326,6 +341,7 @@ def trace_sharded_step(cfg: Config, recipe: Any, sample: Any, s: Sharding) -> di
             "optimizer_state": state_bytes,
             "units": sum(1 for _, _, n, _ in units if n),
             "largest_unit": largest,
+            "reserved_extra": {e: _reserved_extra(tracker, step_start, e) for e in (True, False)},
         }
 
 

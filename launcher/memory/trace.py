@@ -123,8 +123,13 @@ class LiveBytes(TorchDispatchMode):
         self._entries[key] = [tag, size, self._serial]
         self._refs[storage] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
         self.live[tag] += size
-        self._event(self._serial, size, tag if self.phase == "setup" else self.phase)
+        self._event(self._serial, self._allocated(size, tag), tag if self.phase == "setup" else self.phase)
         self._maybe_peak()
+
+    def _allocated(self, nbytes: int, tag: str) -> int:
+        """Bytes the GPU's allocator gets for a storage of `nbytes` tagged `tag` (a sharded tracker's
+        shards are smaller)."""
+        return nbytes
 
     def _free(self, key: int) -> None:
         entry = self._entries.pop(key, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from launcher.config.schema import FSDPDtype, Precision
 from launcher.memory.estimate import estimate
@@ -120,3 +121,35 @@ def test_one_rank_shard_group_never_reshards(job):
     _, eight = rank(job)
     _, eight_zero2 = rank(job, parallel__reshard_after_forward=False)
     assert eight.parts != eight_zero2.parts
+
+
+def test_sharded_trace_gives_the_allocator_shards():
+    """The allocator replay of a sharded step sees each sharded tensor at its shard's size, and a
+    gradient, once accumulated, as the whole tensor freed and its shard allocated."""
+    from launcher.memory.fsdp import ShardedLiveBytes
+    from launcher.memory.step_trace import fake_mode
+
+    with fake_mode():
+        tracker = ShardedLiveBytes({"parameters": 1 / 8, "gradients": 1 / 8})
+        weight = torch.empty(1024, 1024)
+        tracker.register(weight, "parameters")
+        with tracker:
+            tracker.phase = "backward"
+            grad = weight * 2  # created in backward at full size, then accumulated as a gradient
+            tracker.register(grad, "gradients")
+    full = 1024 * 1024 * 4
+    serial_w, serial_g = tracker.serial_of(weight), tracker.serial_of(grad)
+    assert tracker.events == [
+        (serial_w, full // 8),
+        (serial_g, full),
+        (serial_g, 0),
+        (serial_g, full // 8),
+    ]
+
+
+def test_sharded_reserved_comes_from_the_replay(job):
+    _, r = rank(job)
+    _, checkpointed = rank(job, train__activation_checkpointing=True)
+    for x in (r, checkpointed):
+        assert x.peak_reserved - x.peak_allocated == x.reserved_extra[True] > 0
+    assert checkpointed.reserved_extra[True] != r.reserved_extra[True]
