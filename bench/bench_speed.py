@@ -282,7 +282,13 @@ def run_hook_cost(steps: int, only: list[str] | None = None) -> list[dict]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from launcher.config.schema import BF16CommHookConfig, FP16CommHookConfig, PowerSGDConfig, PowerSGDImpl
+    from launcher.config.schema import (
+        BF16CommHookConfig,
+        DDPConfig,
+        FP16CommHookConfig,
+        PowerSGDConfig,
+        PowerSGDImpl,
+    )
     from launcher.parallel.comm_hooks import build_comm_hook
     from launcher.parallel.powersgd import BatchedPowerSGDState, powersgd_hook
 
@@ -334,7 +340,16 @@ def run_hook_cost(steps: int, only: list[str] | None = None) -> list[dict]:
             continue
         torch.cuda.empty_cache()
         model, optimizer = build_hand(compile_model=False)
-        ddp = DDP(model, device_ids=[0])
+        # DDP as the launcher builds it (launcher/parallel/ddp.py): gradients are views into the buckets,
+        # so DDP copies nothing in or out of them. torch's default (no views) adds two passes over the
+        # gradients to every case here, with or without a hook.
+        ddp_cfg = DDPConfig()
+        ddp = DDP(
+            model,
+            device_ids=[0],
+            bucket_cap_mb=ddp_cfg.bucket_cap_mb,
+            gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
+        )
         hand_step(ddp, optimizer, x, y)  # settles DDP's buckets before a stateful hook exists
         if make == "builtin":
             ddp._register_builtin_comm_hook(dist.BuiltinCommHookType.FP16_COMPRESS)
