@@ -69,9 +69,13 @@ def step_on_local_shards(optimizer: torch.optim.Optimizer) -> None:
         finally:
             for group, params in zip(self.param_groups, groups):
                 for p, shard in zip(params, group["params"]):
-                    shard.grad = None if shard is not p else shard.grad
-                    if p not in state and shard in local_state:  # first step: new state, as DTensors
-                        state[p] = {k: _like(p, k, v) for k, v in local_state[shard].items()}
+                    if shard is not p:
+                        shard.grad = None
+                    # State the step created or replaced (not updated in place): kept, as DTensors.
+                    for key, value in local_state.get(shard, {}).items():
+                        kept = state[p].get(key)
+                        if _local(kept) is not value:
+                            state[p][key] = _like(p, key, value)
                 group["params"] = params
             self.state = state
 

@@ -83,3 +83,36 @@ def test_plain_parameters_are_left_alone():
     step = opt.step
     step_on_local_shards(opt)
     assert opt.step == step
+
+
+class Replacing(torch.optim.Optimizer):
+    """Replaces its state each step (new objects, not in-place updates), as some optimizers do."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["count"] = state.get("count", 0) + 1
+                state["last_grad"] = p.grad.clone()
+                p.sub_(p.grad)
+
+
+def test_state_the_step_replaces_is_kept(mesh):
+    ps = params(mesh, 0)
+    opt = Replacing(ps)
+    step_on_local_shards(opt)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in ps]
+        for p, grad in zip(ps, grads):
+            p.grad = DTensor.from_local(grad, mesh, [Shard(0)])
+        opt.step()
+    for p, grad in zip(ps, grads):
+        state = opt.state[p]
+        assert state["count"] == 3
+        assert isinstance(state["last_grad"], DTensor)
+        torch.testing.assert_close(state["last_grad"].full_tensor(), grad, rtol=0, atol=0)
