@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bounded device calls for GPU acceptance points: each named part runs with its own timeout, so one slow
-# bench cannot starve the rest. Outputs land in $OUT (or /tmp/gpu_out).
+# bench cannot starve the rest. Outputs land in $OUT (or /tmp/gpu_out), archived at the end as all.tgz
+# (the device tool brings back at most 8 files).
 # Usage on the GPU node, from the repo root, after installing the .whl wheels:
 #   bash bench/gpu_open_issues.sh fsdp hooks      # FSDP speed/memory/GPU tests, comm-hook variants (~8 min)
 #   bash bench/gpu_open_issues.sh heldout heldout2 peaks   # held-out memory tables, allocator peaks (~9 min)
