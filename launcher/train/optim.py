@@ -56,11 +56,10 @@ def step_on_local_shards(optimizer: torch.optim.Optimizer) -> None:
         for group, params in zip(self.param_groups, groups):
             shards = []
             for p in params:
-                shard = p._local_tensor if isinstance(p, DTensor) else p
-                grad = p.grad
-                shard.grad = grad._local_tensor if isinstance(grad, DTensor) else grad
+                shard = local_shard(p)
+                shard.grad = local_shard(p.grad)
                 if p in state:
-                    local_state[shard] = {k: _local(v) for k, v in state[p].items()}
+                    local_state[shard] = {k: local_shard(v) for k, v in state[p].items()}
                 shards.append(shard)
             group["params"] = shards
         self.state = local_state
@@ -74,7 +73,7 @@ def step_on_local_shards(optimizer: torch.optim.Optimizer) -> None:
                     # State the step created or replaced (not updated in place): kept, as DTensors.
                     for key, value in local_state.get(shard, {}).items():
                         kept = state[p].get(key)
-                        if _local(kept) is not value:
+                        if local_shard(kept) is not value:
                             state[p][key] = _like(p, key, value)
                 group["params"] = params
             self.state = state
@@ -83,7 +82,8 @@ def step_on_local_shards(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step = types.MethodType(step, optimizer)
 
 
-def _local(t: object) -> object:
+def local_shard(t: object) -> object:
+    """A DTensor's local shard (the tensor itself, not a differentiable view); anything else as it is."""
     from torch.distributed.tensor import DTensor
 
     return t._local_tensor if isinstance(t, DTensor) else t
