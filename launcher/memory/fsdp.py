@@ -145,17 +145,9 @@ class ShardedLiveBytes(LiveBytes):
             self.peak_phase = self.phase
 
     def _allocated(self, nbytes: int, tag: str) -> int:
+        """A sharded tag's storage is its shard to the allocator (a re-tagged gradient: the whole freed,
+        the shard allocated; LiveBytes.register)."""
         return allocated_bytes(int(nbytes * self.weights.get(tag, 1.0)))
-
-    def register(self, tensor: torch.Tensor, tag: str) -> None:
-        """As LiveBytes'; a tensor re-tagged to a differently weighted tag (a gradient, once accumulated)
-        is, to the allocator, the whole tensor freed and its shard allocated."""
-        storage = tensor.untyped_storage()
-        entry = self._entries.get(id(storage)) if storage in self._refs else None
-        if entry is not None and entry[1] and self.weights.get(tag, 1.0) != self.weights.get(entry[0], 1.0):
-            self._event(entry[2], 0)
-            self._event(entry[2], self._allocated(entry[1], tag))
-        super().register(tensor, tag)
 
     def add(self, tag: str, nbytes: int) -> None:
         """Bytes FSDP allocates (or, negative, frees) outside the traced ops."""

@@ -85,6 +85,10 @@ class LiveBytes(TorchDispatchMode):
         if entry is None:
             self._add(storage, tag)
             return
+        old, new = self._allocated(entry[1], entry[0]), self._allocated(entry[1], tag)
+        if entry[1] and old != new:  # e.g. a gradient, once accumulated, becomes its shard
+            self._event(entry[2], 0)
+            self._event(entry[2], new)
         self.live[entry[0]] -= entry[1]
         self.live[tag] += entry[1]
         entry[0] = tag
