@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_memory import CASES, HELDOUT, HELDOUT_2  # noqa: E402
 from launcher.config import cli  # noqa: E402
-from launcher.memory import caching_allocator, step_trace  # noqa: E402
+from launcher.memory import step_trace  # noqa: E402
 from launcher.memory.estimate import estimate  # noqa: E402
 
 MIB, GIB = 2**20, 2**30
@@ -46,25 +46,10 @@ def replay_growth(name: str, expandable: bool) -> list[tuple[float, float, float
     finally:
         step_trace.replay = original
     if not captured:
-        sys.exit(f"{name}: no allocator replay (sharded estimates use a closed-form overhead)")
-    pools = {s: caching_allocator._Pool(s, expandable) for s in (True, False)}
-    live: dict = {}
-    allocated, growth = 0, []
-    for key, nbytes in captured[-1]:
-        if nbytes:
-            size = caching_allocator.round_size(nbytes)
-            small = size <= caching_allocator.SMALL_SIZE
-            before = pools[True].reserved + pools[False].reserved
-            live[key] = (pools[small].allocate(size), small)
-            after = pools[True].reserved + pools[False].reserved
-            if after > before:
-                growth.append((size / MIB, allocated / GIB, after / GIB))
-            allocated += size
-        elif key in live:
-            block, small = live.pop(key)
-            allocated -= block.size
-            pools[small].free(block)
-    return growth
+        sys.exit(f"{name}: the estimate replayed no allocations")
+    growth: list[tuple[int, int, int]] = []
+    original(captured[-1], expandable, growth)
+    return [(size / MIB, allocated / GIB, reserved / GIB) for size, allocated, reserved in growth]
 
 
 def gpu_growth(snapshot: Path) -> list[tuple[float, float, float]]:

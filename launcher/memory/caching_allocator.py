@@ -138,8 +138,13 @@ Event = tuple[object, int]
 """(key, bytes): allocate `bytes` under `key`; (key, 0): free what `key` holds."""
 
 
-def replay(events: list[Event], expandable: bool) -> tuple[int, int]:
-    """(peak allocated, peak reserved) when `events` run through the allocator in order."""
+def replay(
+    events: list[Event], expandable: bool, growth: list[tuple[int, int, int]] | None = None
+) -> tuple[int, int]:
+    """(peak allocated, peak reserved) when `events` run through the allocator in order.
+
+    `growth`, if given, receives (request, allocated before it, reserved after it) for every request
+    that made the allocator reserve more (bench/reserved_growth.py compares them with a GPU's)."""
     pools = {True: _Pool(True, expandable), False: _Pool(False, expandable)}
     live: dict[object, tuple[_Block, bool]] = {}
     allocated = peak = 0
@@ -147,7 +152,10 @@ def replay(events: list[Event], expandable: bool) -> tuple[int, int]:
         if nbytes:
             size = round_size(nbytes)
             small = size <= SMALL_SIZE
+            before = pools[small].reserved
             live[key] = (pools[small].allocate(size), small)
+            if growth is not None and pools[small].reserved > before:
+                growth.append((size, allocated, pools[True].reserved + pools[False].reserved))
             allocated += size
             peak = max(peak, allocated)
         elif key in live:
