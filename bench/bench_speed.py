@@ -59,6 +59,19 @@ LAUNCHER_CASES = {
     # one-rank runs above (a one-rank DDP run is the plain model: no peers, no wrapper).
     "launcher_fsdp_eager": (["train.compile=false", "parallel=fsdp"], False),
     "launcher_fsdp_compiled": (["train.compile=true", "parallel=fsdp"], False),
+    # fewer, larger units: FSDP's per-unit host work paid 12/k times (parallel.blocks_per_unit=k)
+    **{
+        f"launcher_fsdp_{mode}_bpu{k}": (
+            [
+                f"train.compile={str(mode == 'compiled').lower()}",
+                "parallel=fsdp",
+                f"parallel.blocks_per_unit={k}",
+            ],
+            False,
+        )
+        for mode in ("eager", "compiled")
+        for k in (1, 2, 3, 4, 6)
+    },
 }
 HAND_CASES = ("hand_eager", "hand_compiled", "hand_fused")
 ALL_CASES = (*HAND_CASES, *LAUNCHER_CASES)
@@ -278,7 +291,34 @@ def check_grads_match_plain(ddp, optimizer, x, y, name: str) -> None:
     print(f"{name}: hooked grads vs plain, largest relative norm difference {worst:.2e}", file=sys.stderr)
 
 
-def run_hook_cost(steps: int, only: list[str] | None = None) -> list[dict]:
+def profile_hook(name: str, step, steps: int) -> None:
+    """Kernels per step and GPU time per step by kernel (stderr): where a hook's cost goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in events) / steps / 1e3
+    print(
+        f"\n## profile {name}: {len(events) / steps:.0f} kernels/step, {busy:.1f} ms GPU/step",
+        file=sys.stderr,
+    )
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60)
+    print(table, file=sys.stderr)
+    cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60)
+    print(cpu, file=sys.stderr)
+    trace_dir = os.environ.get("HOOK_TRACE_DIR")
+    if trace_dir:  # the timeline (streams, gaps), gzipped: bench/RESULTS.md reads it
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        plain = Path(trace_dir) / f"{name}.json"
+        prof.export_chrome_trace(str(plain))
+        subprocess.run(["gzip", "-f", str(plain)], check=True)
+
+
+def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int = 0) -> list[dict]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -326,6 +366,9 @@ def run_hook_cost(steps: int, only: list[str] | None = None) -> list[dict]:
         "powersgd_r4_ours": lambda: build_comm_hook(PowerSGDConfig(**psgd), None, False),
         "powersgd_r4_ours_no_graphs": ours(4, graphs=False),
         "powersgd_r4_ours_qr_no_graphs": ours(4, "qr", graphs=False),
+        # fewer, larger buckets: each bucket orthonormalises its P and Q once (~0.34 ms of small kernels)
+        "ddp_no_hook_b100": None,
+        "powersgd_r4_ours_b100": lambda: build_comm_hook(PowerSGDConfig(**psgd), None, False),
         "powersgd_r1_ours": ours(1),
         "powersgd_r8_ours": ours(8),
     }
@@ -347,7 +390,7 @@ def run_hook_cost(steps: int, only: list[str] | None = None) -> list[dict]:
         ddp = DDP(
             model,
             device_ids=[0],
-            bucket_cap_mb=ddp_cfg.bucket_cap_mb,
+            bucket_cap_mb=100.0 if name.endswith("_b100") else ddp_cfg.bucket_cap_mb,
             gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
         )
         hand_step(ddp, optimizer, x, y)  # settles DDP's buckets before a stateful hook exists
@@ -360,6 +403,8 @@ def run_hook_cost(steps: int, only: list[str] | None = None) -> list[dict]:
         check_grads_match_plain(ddp, optimizer, x, y, name)
         step_s = time_steps(partial(hand_step, ddp, optimizer, x, y), warmup=5, steps=steps)
         results.append({"case": name, "step_time_s": step_s, "overhead": step_s / plain - 1})
+        if profile_steps:
+            profile_hook(name, partial(hand_step, ddp, optimizer, x, y), profile_steps)
         ddp = model = optimizer = None
     agreement = (
         (True, False, "graphs_vs_eager"),
@@ -476,6 +521,9 @@ def main() -> None:
     parser.add_argument("--hook-cost", action="store_true", help="also the one-rank DDP hook-cost table")
     parser.add_argument("--only-hook-cost", action="store_true", help="just the hook-cost table")
     parser.add_argument("--hooks", help="comma-separated subset of the hook-cost cases")
+    parser.add_argument(
+        "--profile-hooks", type=int, default=0, help="profile N steps of each hook case (stderr)"
+    )
     parser.add_argument("--out", type=Path, help="write every result as JSON lines here")
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds over the cases; the tables show each case's median run"
@@ -504,7 +552,11 @@ def main() -> None:
                 print(json.dumps(result), flush=True)
     results = [_median_run(rs) for rs in runs.values()]
     only = args.hooks.split(",") if args.hooks else None
-    hook_results = run_hook_cost(args.hand_steps, only) if args.hook_cost or args.only_hook_cost else []
+    hook_results = (
+        run_hook_cost(args.hand_steps, only, args.profile_hooks)
+        if args.hook_cost or args.only_hook_cost
+        else []
+    )
     for r in hook_results:
         print(json.dumps(r), flush=True)
     if args.out:

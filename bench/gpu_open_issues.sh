@@ -27,6 +27,9 @@ for part in "$@"; do
       step fsdp_memory 150 python3 bench/bench_memory.py --steps 4 --jobs 4 \
         --only b_bf16_mb16,b_bf16_mb16_fsdp,b_bf16_mb16_ac_fsdp,b_fp32_mb8_fsdp_zero2_accum2
       step gpu_tests 120 python3 -m pytest -q -x tests/gpu ;;
+    fsdp_memory)  # the sharded estimate (allocator replay) against the GPU
+      step fsdp_memory 150 python3 bench/bench_memory.py --steps 4 --jobs 4 \
+        --only b_bf16_mb16,b_bf16_mb16_fsdp,b_bf16_mb16_ac_fsdp,b_fp32_mb8_fsdp_zero2_accum2 ;;
     fsdp_compiled)  # the compiled pair alone (BodyThenCompiledTail)
       step fsdp_compiled 130 python3 bench/bench_speed.py --steps 40 --cases launcher_compiled,launcher_fsdp_compiled ;;
     fsdp_repeat)  # DDP and FSDP, eager and compiled, three interleaved rounds (eager varied 0.92-0.97 between calls)
@@ -70,6 +73,29 @@ PY
     hooks)
       step hooks 100 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --hooks ddp_no_hook,fp16,fp16_builtin,powersgd_r4_ours ;;
+    hooks_profile)  # kernels and time per step by kernel: where a hook's step time goes
+      step hooks_profile 150 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 --profile-hooks 3 \
+        --hooks ddp_no_hook,fp16,powersgd_r4_ours ;;
+    probe_orth)  # PowerSGD's ops one by one: device time against a plain copy of the same bytes
+      step probe_orth 90 python3 bench/probe_orth.py ;;
+    fsdp_units_repeat)  # the candidates with two interleaved rounds, 60 steps
+      step fsdp_units_repeat 420 python3 bench/bench_speed.py --steps 60 --repeat 2 --cases launcher_compiled,\
+launcher_fsdp_compiled,launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu4,launcher_eager,launcher_fsdp_eager_bpu2 ;;
+    hooks_trace)  # timelines of 3 steps: DDP alone, PowerSGD r4 (side stream, the tail after backward)
+      export HOOK_TRACE_DIR="$out/traces"
+      step hooks_trace 90 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
+        --profile-hooks 3 --hooks ddp_no_hook,powersgd_r4_ours
+      unset HOOK_TRACE_DIR ;;
+    hooks_buckets)  # PowerSGD with 100 MB buckets (4x fewer orthonormalisations) against 25 MB
+      step hooks_buckets 120 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
+        --hooks ddp_no_hook,ddp_no_hook_b100,powersgd_r4_ours,powersgd_r4_ours_b100,fp16 ;;
+    fsdp_auto)  # blocks_per_unit=auto (the default) against DDP, two interleaved rounds
+      step fsdp_auto 330 python3 bench/bench_speed.py --steps 60 --repeat 2 \
+        --cases launcher_compiled,launcher_fsdp_compiled,launcher_fsdp_compiled_bpu1,launcher_eager,launcher_fsdp_eager ;;
+    fsdp_units)  # parallel.blocks_per_unit: FSDP's per-unit host work paid fewer times
+      step fsdp_units 330 python3 bench/bench_speed.py --steps 40 --cases launcher_compiled,launcher_fsdp_compiled,\
+launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu3,launcher_fsdp_compiled_bpu4,launcher_fsdp_compiled_bpu6,\
+launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
     fp8)
       step fp8 280 python3 bench/bench_speed.py --steps 30 --cases d4096_bf16,d4096_fp8_tensorwise,d4096_fp8_tensorwise_head ;;
     memory)  # issue 11's table, the refusal demo and the leak check

@@ -78,6 +78,38 @@ def main() -> None:
             f"r{r} 4 baddbmm E = M - P Q^T",
             lambda: [torch.baddbmm(a, p, q.transpose(1, 2), alpha=-1) for a, p, q in zip(mats, ps, qs)],
         )
+        err = [torch.randn_like(a) for a in mats]
+        row(f"r{r} 4 add_ error feedback", lambda: [a.add_(e) for a, e in zip(mats, err)])
+        row(
+            f"r{r} 4 bmm P Q^T into M",
+            lambda: [torch.bmm(p, q.transpose(1, 2), out=a) for a, p, q in zip(mats, ps, qs)],
+        )
+        row(f"r{r} 4 clone (one read + write)", lambda: [a.clone() for a in mats])
+        torch.backends.cuda.matmul.allow_tf32 = True
+        row(f"r{r} tf32 4 bmm P = M Q", lambda: [torch.bmm(a, q) for a, q in zip(mats, qs)])
+        row(f"r{r} tf32 4 bmm Q = M^T P", lambda: [torch.bmm(a.transpose(1, 2), p) for a, p in zip(mats, ps)])
+        row(
+            f"r{r} tf32 4 baddbmm E = M - P Q^T",
+            lambda: [torch.baddbmm(a, p, q.transpose(1, 2), alpha=-1) for a, p, q in zip(mats, ps, qs)],
+        )
+        torch.backends.cuda.matmul.allow_tf32 = False
+        b12 = [torch.randn(12, n, m, device="cuda") for n, m in BLOCK]
+        q12 = [torch.randn(12, m, r, device="cuda") for n, m in BLOCK]
+        p12 = [torch.randn(12, n, r, device="cuda") for n, m in BLOCK]
+        row(f"r{r} 12 blocks: 4 bmm P = M Q", lambda: [torch.bmm(a, q) for a, q in zip(b12, q12)])
+        row(
+            f"r{r} 12 blocks: 4 bmm Q = M^T P",
+            lambda: [torch.bmm(a.transpose(1, 2), p) for a, p in zip(b12, p12)],
+        )
+        row(
+            f"r{r} 12 blocks: 4 baddbmm E = M - P Q^T",
+            lambda: [torch.baddbmm(a, p, q.transpose(1, 2), alpha=-1) for a, p, q in zip(b12, p12, q12)],
+        )
+        row(f"r{r} 12 blocks: 4 clone", lambda: [a.clone() for a in b12])
+        row(
+            f"r{r} 12 blocks: (M q) as mul-sum",
+            lambda: [(a.unsqueeze(-1) * q.unsqueeze(1)).sum(2) for a, q in zip(b12[:1], q12[:1])],
+        )
     emb = torch.randn(1, 50304, 768, device="cuda")
     q = torch.randn(1, 768, 4, device="cuda")
     p = torch.randn(1, 50304, 4, device="cuda")
@@ -86,6 +118,10 @@ def main() -> None:
     row("embedding r4 orthonormalize P", lambda: orthonormalize_all_(p.view(-1), [(0, 1, 50304, 4)]))
     row("embedding r4 fp32 QR P", lambda: torch.linalg.qr(p))
     row("embedding fp32 copy (154 MB)", lambda: emb.clone())
+    row("embedding r4 baddbmm E = M - P Q^T", lambda: torch.baddbmm(emb, p, q.transpose(1, 2), alpha=-1))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    row("embedding tf32 r4 bmm P = M Q", lambda: torch.bmm(emb, q))
+    row("embedding tf32 r4 bmm Q = M^T P", lambda: torch.bmm(emb.transpose(1, 2), p))
 
 
 if __name__ == "__main__":

@@ -335,6 +335,13 @@ class FSDPConfig:
     all-gather fewer per block per micro-step, the whole model's gathered parameters in memory at the
     end of forward. The last block and `post` are kept either way (backward needs them first), and a
     one-rank shard group (dp_shard=1) never reshards: its ranks hold whole parameters already."""
+    blocks_per_unit: Any = "auto"
+    """Consecutive blocks of the recipe's layout sharded as one unit: one all-gather and one
+    reduce-scatter for all of them. 1 = a unit per block (torchtitan). auto = the fewest blocks that hold
+    25M parameters (1 for blocks that large: 4 for GPT-2-small's 7M): each unit costs FSDP about a
+    millisecond of host work (Python hooks, collective launches) however small it is, which a small
+    block's compute cannot hide (one H100, GPT-2-small, bench/RESULTS.md). Larger units keep more
+    gathered parameters in flight under reshard_after_forward."""
     param_dtype: FSDPDtype = FSDPDtype.auto
     """Dtype of the all-gathered parameters the forward and backward compute with (the shards stay
     fp32 for the optimizer). auto = the precision's: bf16 for precision=bf16/fp8, fp16 for fp16, fp32

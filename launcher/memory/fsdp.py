@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from launcher.config.schema import Config
 from launcher.memory.cuda_kernels import CudaKernels
@@ -45,9 +44,12 @@ from launcher.memory.step_trace import (
     model_forward,
 )
 from launcher.memory.trace import WORKSPACE, LiveBytes, allocated_bytes
-from launcher.recipe import block_layout, resolve_blocks
+from launcher.recipe import block_layout
 from launcher.train.optim import build_optimizer
 from launcher.train.precision import DTYPES
+
+if TYPE_CHECKING:
+    from launcher.parallel.fsdp import Unit
 
 GATHERED, UNSHARDED_GRADS, REDUCE = "all-gathered parameters", "unsharded gradients", "reduce-scatter buffers"
 # Trace tags -> the estimate's part names (sharded states say so).
@@ -91,6 +93,7 @@ class Sharding:
     offload: bool
     accumulate_unsharded: bool
     """Gradients stay whole between micro-steps (accumulation without reduce_every_micro_step)."""
+    blocks_per_unit: int | str = 1
 
     def weights(self, autocast_copies: bool) -> dict[str, float]:
         state = 0.0 if self.offload else 1 / self.shard
@@ -118,6 +121,7 @@ def sharding_of(cfg: Config, world_size: int) -> Sharding:
         reshards_after_forward(p.reshard_after_forward, dims),
         p.offload,
         cfg.train.grad_accum_steps > 1 and not p.reduce_every_micro_step,
+        getattr(p, "blocks_per_unit", 1),  # pipeline stages shard per block
     )
 
 
@@ -159,26 +163,27 @@ class ShardedLiveBytes(LiveBytes):
 class UnitLifecycle:
     """FSDP's per-unit allocations, driven by module hooks during the traced step."""
 
-    def __init__(self, units: list[tuple[str, nn.Module, int, bool]], s: Sharding, tracker: ShardedLiveBytes):
+    def __init__(self, units: list[Unit], s: Sharding, tracker: ShardedLiveBytes):
         self.units, self.s, self.tracker = units, s, tracker
         self.gathered: dict[str, int] = {}
         self.unsharded_grads: dict[str, int] = {}
         self.reduce_in_flight: list[int] = []
         self.sync = True
         self.hooks: list[Any] = []
-        for i, (name, module, _, reshards) in enumerate(units):
-            previous = units[i - 1][0] if i > 0 else None
-            self.hooks += [
-                module.register_forward_pre_hook(lambda m, a, name=name: self.gather(name)),
-                module.register_forward_hook(
-                    lambda m, a, o, name=name, r=reshards: self.release(name) if r else None
+        for i, unit in enumerate(units):
+            name, first, last = unit.name, unit.modules[0], unit.modules[-1]
+            previous = units[i - 1].name if i > 0 else None
+            self.hooks += [  # a unit of several blocks: gathered before its first, backward ends at it
+                first.register_forward_pre_hook(lambda m, a, name=name: self.gather(name)),
+                last.register_forward_hook(
+                    lambda m, a, o, name=name, r=unit.reshards: self.release(name) if r else None
                 ),
-                module.register_full_backward_pre_hook(
+                last.register_full_backward_pre_hook(
                     lambda m, g, name=name, prev=previous: self.backward_begins(name, prev)
                 ),
-                module.register_full_backward_hook(lambda m, gi, go, name=name: self.backward_ends(name)),
+                first.register_full_backward_hook(lambda m, gi, go, name=name: self.backward_ends(name)),
             ]
-        self.numel = {name: numel for name, _, numel, _ in units}
+        self.numel = {unit.name: unit.numel for unit in units}
 
     def gather(self, name: str | None) -> None:
         if name is None or name in self.gathered or not self.numel[name]:
@@ -230,29 +235,6 @@ class UnitLifecycle:
             hook.remove()
 
 
-def units_of(
-    model: nn.Module, recipe: Any, reshard_after_forward: bool
-) -> list[tuple[str, nn.Module, int, bool]]:
-    """(name, module, parameters, reshards after forward) per unit, as launcher/parallel/fsdp.py shards."""
-    layout = block_layout(recipe)
-    seen: set[int] = set()
-    parts: list[tuple[str, nn.Module, bool]] = [("root", model, False)]
-    if layout is not None:
-        blocks = resolve_blocks(model, layout)
-        parts.append((layout.pre, model.get_submodule(layout.pre), reshard_after_forward))
-        parts += [
-            (f"{layout.blocks}.{i}", b, reshard_after_forward and i < len(blocks) - 1)
-            for i, b in enumerate(blocks)
-        ]
-        parts.append((layout.post, model.get_submodule(layout.post), False))
-    numels: dict[str, int] = {}
-    for name, module, _ in reversed(parts):  # innermost first: the root takes only what is left
-        fresh = [p for p in module.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in fresh)
-        numels[name] = sum(p.numel() for p in fresh)
-    return [(name, module, numels[name], reshards) for name, module, reshards in parts]
-
-
 def trace_sharded_step(cfg: Config, recipe: Any, sample: Any, s: Sharding) -> dict[str, Any]:
     """The weighted peak of one optimizer step (min(accumulation, 2) micro-steps) under FSDP."""
     train, amp = cfg.train, DTYPES[cfg.precision.dtype]
@@ -279,7 +261,9 @@ def trace_sharded_step(cfg: Config, recipe: Any, sample: Any, s: Sharding) -> di
                     tracker.register(value, "optimizer state")
         for t in batch:
             tracker.register(t, "inputs")
-        units = units_of(model, recipe, s.reshard_after_forward)
+        from launcher.parallel.fsdp import plan_units
+
+        units = plan_units(model, block_layout(recipe), s.reshard_after_forward, s.blocks_per_unit)
         life = UnitLifecycle(units, s, tracker)
         grad_hooks = [
             p.register_post_accumulate_grad_hook(lambda p: tracker.register(p.grad, "gradients"))
@@ -324,14 +308,14 @@ def trace_sharded_step(cfg: Config, recipe: Any, sample: Any, s: Sharding) -> di
                     "gradients (unsharded, accumulating)" if s.accumulate_unsharded else "gradients (shard)"
                 )
             at_peak[name] = at_peak.get(name, 0) + size
-        largest = max((n for _, _, n, _ in units if _ != "root"), default=0)
+        largest = max((u.numel for u in units if u.name != "root"), default=0)
         return {
             "at_peak": at_peak,
             "peak_phase": tracker.peak_phase,
             "activations": activations,
             "parameters": numel,
             "optimizer_state": state_bytes,
-            "units": sum(1 for _, _, n, _ in units if n),
+            "units": sum(1 for u in units if u.numel),
             "largest_unit": largest,
             "reserved_extra": {e: _reserved_extra(tracker, step_start, e) for e in (True, False)},
         }

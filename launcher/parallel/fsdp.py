@@ -1,12 +1,12 @@
 """Fully sharded data parallelism: PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
 Every rank builds the whole model with the shared seed (so the initialisation equals a one-process
-run), then `fully_shard` is applied bottom-up, as torchtitan does: to `pre`, to each of the recipe's
-blocks and to `post` (each its own all-gather / reduce-scatter unit), then to the root, which takes
-whatever parameters are left. Each rank keeps 1/dp_shard of every parameter (a DTensor), of its
-gradient and of its optimizer state. Before a unit computes, its parameters are all-gathered (in
-`param_dtype`); after its backward, its gradients are reduce-scattered (in `reduce_dtype`) and, with
-hybrid sharding, all-reduced across the replica groups.
+run), then `fully_shard` is applied bottom-up, as torchtitan does: to `pre`, to the recipe's blocks
+(`parallel.blocks_per_unit` consecutive ones together) and to `post` (each its own all-gather /
+reduce-scatter unit), then to the root, which takes whatever parameters are left. Each rank keeps
+1/dp_shard of every parameter (a DTensor), of its gradient and of its optimizer state. Before a unit
+computes, its parameters are all-gathered (in `param_dtype`); after its backward, its gradients are
+reduce-scattered (in `reduce_dtype`) and, with hybrid sharding, all-reduced across the replica groups.
 
 Activation checkpointing and torch.compile apply per block before sharding (torchtitan's order); `post`
 and the recipe's loss are compiled together (with_loss.BodyThenCompiledTail), so the logits' fp32
@@ -110,51 +110,79 @@ def mp_policy(precision: PrecisionConfig, param: FSDPDtype, reduce: FSDPDtype) -
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
-def shard_units(
-    model: nn.Module,
-    layout: BlockLayout | None,
-    mesh: DeviceMesh,
-    policy: MixedPrecisionPolicy,
-    offload: bool,
-    reshard_after_forward: bool,
-) -> list[tuple[str, nn.Module, bool]]:
-    """fully_shard pre, each block, post, then the root; returns (name, module, reshards after forward)
-    per unit, in forward order.
+@dataclass(frozen=True)
+class Unit:
+    """One all-gather / reduce-scatter unit: a module, or consecutive blocks sharded together."""
 
-    The last block and `post` never reshard after forward: backward needs them first (torchtitan).
-    """
+    name: str
+    modules: tuple[nn.Module, ...]
+    reshards: bool  # frees its gathered parameters after forward
+    numel: int  # parameters it owns (before sharding): the root owns only what no other unit does
+
+
+UNIT_PARAMS = 25_000_000
+"""blocks_per_unit=auto groups blocks until a unit holds this many parameters (see FSDPConfig)."""
+
+
+def group_blocks(blocks: list[nn.Module], blocks_per_unit: int | str) -> list[list[int]]:
+    """Indices of the blocks in each unit: `blocks_per_unit` at a time, or for auto, consecutive blocks
+    until a unit holds UNIT_PARAMS parameters (blocks of different sizes get units of different lengths)."""
+    if not (isinstance(blocks_per_unit, str) and blocks_per_unit.strip().lower() == "auto"):
+        k = int(blocks_per_unit)
+        return [list(range(start, min(start + k, len(blocks)))) for start in range(0, len(blocks), k)]
+    groups: list[list[int]] = [[]]
+    held = 0
+    for i, block in enumerate(blocks):
+        if held >= UNIT_PARAMS:
+            groups.append([])
+            held = 0
+        groups[-1].append(i)
+        held += sum(p.numel() for p in block.parameters())
+    return [g for g in groups if g]
+
+
+def plan_units(
+    model: nn.Module, layout: BlockLayout | None, reshard_after_forward: bool, blocks_per_unit: int | str = 1
+) -> list[Unit]:
+    """The root, then pre, the blocks (`blocks_per_unit` consecutive ones per unit), post: forward order
+    after the root. The last block unit and `post` never reshard after forward: backward needs them first
+    (torchtitan). The one plan that sharding (`shard_units`) and the memory estimator both follow."""
+    parts: list[tuple[str, tuple[nn.Module, ...], bool]] = []
+    if layout is not None:
+        blocks = list(resolve_blocks(model, layout))
+        parts.append((layout.pre, (model.get_submodule(layout.pre),), reshard_after_forward))
+        for group in group_blocks(blocks, blocks_per_unit):
+            start, stop = group[0], group[-1]
+            name = f"{layout.blocks}.{start}" if start == stop else f"{layout.blocks}.{start}-{stop}"
+            parts.append(
+                (name, tuple(blocks[i] for i in group), reshard_after_forward and stop < len(blocks) - 1)
+            )
+        parts.append((layout.post, (model.get_submodule(layout.post),), False))
+    parts.insert(0, ("root", (model,), False))
+    seen: set[int] = set()
+    numels: dict[str, int] = {}
+    for name, modules, _ in reversed(parts):  # innermost first: the root takes only what is left
+        fresh = {id(p): p for m in modules for p in m.parameters() if id(p) not in seen}
+        seen.update(fresh)
+        numels[name] = sum(p.numel() for p in fresh.values())
+    return [Unit(name, modules, reshards, numels[name]) for name, modules, reshards in parts]
+
+
+def shard_units(units: list[Unit], mesh: DeviceMesh, policy: MixedPrecisionPolicy, offload: bool) -> None:
+    """fully_shard each planned unit bottom-up, the root last (it takes whatever is left)."""
     kwargs: dict[str, Any] = dict(
         mesh=mesh, mp_policy=policy, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy()
     )
-    units: list[tuple[str, nn.Module, bool]] = []
-    if layout is not None:
-        blocks = resolve_blocks(model, layout)
-        units.append((layout.pre, model.get_submodule(layout.pre), reshard_after_forward))
-        for i, block in enumerate(blocks):
-            last = i == len(blocks) - 1
-            units.append((f"{layout.blocks}.{i}", block, reshard_after_forward and not last))
-        units.append((layout.post, model.get_submodule(layout.post), False))
-    for _, module, reshard in units:
-        fully_shard(module, reshard_after_forward=reshard, **kwargs)
-    fully_shard(model, reshard_after_forward=False, **kwargs)  # the root: what is left
-    return [("root", model, False), *units]
+    for unit in [*units[1:], units[0]]:
+        target = unit.modules[0] if len(unit.modules) == 1 else list(unit.modules)
+        fully_shard(target, reshard_after_forward=unit.reshards, **kwargs)
 
 
-def unit_numels(model: nn.Module, layout: BlockLayout | None) -> dict[str, int]:
-    """Parameters per all-gather unit (before sharding), keyed as shard_units names them."""
-    seen: set[int] = set()
-    numels: dict[str, int] = {}
-    parts: list[tuple[str, nn.Module]] = []
-    if layout is not None:
-        parts.append((layout.pre, model.get_submodule(layout.pre)))
-        parts += [(f"{layout.blocks}.{i}", b) for i, b in enumerate(resolve_blocks(model, layout))]
-        parts.append((layout.post, model.get_submodule(layout.post)))
-    parts.append(("root", model))
-    for name, module in parts:
-        fresh = [p for p in module.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in fresh)
-        numels[name] = sum(p.numel() for p in fresh)
-    return numels
+def unit_numels(
+    model: nn.Module, layout: BlockLayout | None, blocks_per_unit: int | str = 1
+) -> dict[str, int]:
+    """Parameters per all-gather unit (before sharding), keyed by unit name."""
+    return {u.name: u.numel for u in plan_units(model, layout, False, blocks_per_unit)}
 
 
 class FSDPCommStats:
@@ -192,6 +220,12 @@ def check_fsdp(cfg: Config, recipe_class: type, world_size: int) -> None:
     """FSDP-specific config checks, before any process group exists. Raises ConfigError."""
     p = cfg.parallel
     ShardDims.resolve(p.dp_replicate, p.dp_shard, world_size)
+    value = p.blocks_per_unit
+    is_auto = isinstance(value, str) and value.strip().lower() == "auto"
+    if not is_auto and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(
+            "parallel.blocks_per_unit", value, "must be a whole number >= 1 or auto", "use auto, 1, 2, ..."
+        )
     check_no_comm_hook(cfg, "parallel=fsdp")
     if p.offload:
         check_offload_memory(cfg, recipe_class, ShardDims.resolve(p.dp_replicate, p.dp_shard, world_size))
@@ -274,7 +308,9 @@ class FSDPStrategy:
             )
         torch.manual_seed(cfg.train.seed)  # the same init on every rank, and as in a 1-process run
         model = convert_to_fp8(recipe.build_model(), cfg.precision, head=layout.post if layout else None)
-        numels = unit_numels(model, layout)
+        reshard = reshards_after_forward(p.reshard_after_forward, self.dims)
+        self.units = plan_units(model, layout, reshard, p.blocks_per_unit)
+        numels = {u.name: u.numel for u in self.units}
         if layout is not None:
             blocks = list(resolve_blocks(model, layout))
             if cfg.train.activation_checkpointing:
@@ -283,8 +319,12 @@ class FSDPStrategy:
                 for module in (model.get_submodule(layout.pre), *blocks):
                     module.compile()
         self.policy = mp_policy(cfg.precision, p.param_dtype, p.reduce_dtype)
-        reshard = reshards_after_forward(p.reshard_after_forward, self.dims)
-        self.units = shard_units(model, layout, self.mesh, self.policy, p.offload, reshard)
+        shard_units(self.units, self.mesh, self.policy, p.offload)
+        log.info(
+            "FSDP units (parallel.blocks_per_unit=%s): %s",
+            p.blocks_per_unit,
+            ", ".join(u.name for u in self.units if u.numel),
+        )
         self.module = model
         self.reduce_every_micro_step = p.reduce_every_micro_step
         # Compiled: `post` and the loss as one graph, so the logits' upcast and log-softmax fuse into
@@ -297,7 +337,7 @@ class FSDPStrategy:
         self.comm_stats = (
             FSDPCommStats(
                 numels,
-                {name for name, _, reshards in self.units if reshards},
+                {u.name for u in self.units if u.reshards},
                 self.dims,
                 self.policy,
                 cfg.train.grad_accum_steps,

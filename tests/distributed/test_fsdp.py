@@ -66,10 +66,16 @@ def assert_matches(result, reference, steps, params_at=()):
 def test_four_ranks_accumulation_checkpointing_then_resume_on_two(reference, tmp_path):
     run_dir = tmp_path / "run"
     args = [*ARGS, *FSDP, "train.grad_accum_steps=2", "train.activation_checkpointing=true"]
+    # A unit per block here; the resume below groups both blocks in one unit (auto): DCP's keys are
+    # the parameters' names, whatever the units.
     first = launch(
-        [*args, "train.micro_batch_size=1", "train.stop_at_step=2"], tmp_path, nproc=4, run_dir=run_dir
+        [*args, "train.micro_batch_size=1", "train.stop_at_step=2", "parallel.blocks_per_unit=1"],
+        tmp_path,
+        nproc=4,
+        run_dir=run_dir,
     )
     assert_ok(first)
+    assert "FSDP units (parallel.blocks_per_unit=1): embed, blocks.0, blocks.1, head" in first.output
     assert_matches(first, reference, steps={1, 2}, params_at=[2])
     step_2 = run_dir / "checkpoints" / "step_2"
     assert sorted(p.name for p in step_2.iterdir()) == [
@@ -88,6 +94,7 @@ def test_four_ranks_accumulation_checkpointing_then_resume_on_two(reference, tmp
     second = launch([*args, "train.micro_batch_size=2"], tmp_path, nproc=2, run_dir=run_dir)
     assert_ok(second)
     assert "resumed from step 2" in second.output
+    assert "FSDP units (parallel.blocks_per_unit=auto): embed, blocks.0-1, head" in second.output
     assert "resuming on 2 data-parallel ranks a checkpoint saved on 4" in second.output
     assert [m["step"] for m in second.train_lines()] == [1, 2, 3, 4, 5, 6]
     assert_matches(second, reference, steps={3, 4, 5, 6}, params_at=[6])

@@ -42,6 +42,7 @@ CASES = [
         "parallel.offload=True: the 1 rank(s) on this node would keep",
         "parallel.offload=false",
     ),
+    ([*FSDP, "parallel.blocks_per_unit=0"], 2, "parallel.blocks_per_unit=0: must be a whole number", "auto"),
     ([*PIPE, "parallel.dp_shard=3"], 4, "parallel.dp_shard=3: does not divide parallel.dp=2", "[1, 2]"),
     (
         [*PIPE, "parallel.dp_shard=2", "comm_hook=fp16"],

@@ -11,7 +11,8 @@ import torch
 
 from launcher.config.schema import FSDPDtype, Precision, PrecisionConfig
 from launcher.errors import ConfigError
-from launcher.parallel.fsdp import FSDPCommStats, ShardDims, mp_policy
+from launcher.parallel.fsdp import UNIT_PARAMS, FSDPCommStats, ShardDims, mp_policy, plan_units
+from launcher.recipe import BlockLayout
 from launcher.train.checkpoint import CheckpointError
 from launcher.train.sharded_checkpoint import SHARDED_DIR, SafePlanner, saved_shapes
 
@@ -54,6 +55,52 @@ def test_comm_bytes_per_step():
         "allreduce_bytes": 2 * 75 * 4,  # each group's shard, across the 2 replicas
     }
     assert FSDPCommStats(numels, set(), ShardDims(2, 1), policy, 1, False).step()["allgather_bytes"] == 0
+
+
+class Stack(torch.nn.Module):
+    """pre, 7 blocks of 1000 + 10 parameters each, post, and a parameter of the root's own."""
+
+    def __init__(self, width: int = 1000, widths: list[int] | None = None) -> None:
+        super().__init__()
+        self.pre = torch.nn.Linear(10, 10)
+        widths = widths or [width] * 7
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(w, 1, bias=False) for w in widths)
+        self.post = torch.nn.Linear(10, 1)
+        self.scale = torch.nn.Parameter(torch.ones(3))
+
+
+LAYOUT = BlockLayout(pre="pre", blocks="blocks", post="post")
+
+
+def test_units_group_consecutive_blocks_and_the_last_keeps_its_parameters():
+    model = Stack()
+    units = plan_units(model, LAYOUT, reshard_after_forward=True, blocks_per_unit=3)
+    assert [u.name for u in units] == ["root", "pre", "blocks.0-2", "blocks.3-5", "blocks.6", "post"]
+    assert [len(u.modules) for u in units] == [1, 1, 3, 3, 1, 1]
+    assert units[2].modules == tuple(model.blocks[:3])
+    assert [u.numel for u in units] == [3, 110, 3000, 3000, 1000, 11]  # the root owns only `scale`
+    assert [u.reshards for u in units] == [False, True, True, True, False, False]
+    per_block = plan_units(model, LAYOUT, reshard_after_forward=True, blocks_per_unit=1)
+    assert [u.name for u in per_block][2:9] == [f"blocks.{i}" for i in range(7)]
+    assert sum(u.numel for u in per_block) == sum(u.numel for u in units) == 7124
+
+
+def test_auto_units_hold_the_threshold_in_the_fewest_blocks():
+    def names(width, widths=None):
+        with torch.device("meta"):  # parameter counts only
+            model = Stack(width, widths)
+        return [u.name for u in plan_units(model, LAYOUT, False, "auto")][2:-1]
+
+    third = -(-UNIT_PARAMS // 3)  # three blocks reach the threshold, two do not
+    assert names(third) == ["blocks.0-2", "blocks.3-5", "blocks.6"]
+    assert names(UNIT_PARAMS) == [f"blocks.{i}" for i in range(7)]  # large blocks: one each
+    assert names(10) == ["blocks.0-6"]  # tiny ones: all in one unit
+    half = UNIT_PARAMS // 2  # blocks of different sizes: units of different lengths
+    assert names(0, [half, half, UNIT_PARAMS, 10, 10, half, half + 1]) == [
+        "blocks.0-1",
+        "blocks.2",
+        "blocks.3-6",
+    ]
 
 
 class Exploit:

@@ -153,3 +153,19 @@ def test_sharded_reserved_comes_from_the_replay(job):
     for x in (r, checkpointed):
         assert x.peak_reserved - x.peak_allocated == x.reserved_extra[True] > 0
     assert checkpointed.reserved_extra[True] != r.reserved_extra[True]
+
+
+def test_larger_units_gather_more_at_once(job):
+    _, per_block = rank(job, parallel__blocks_per_unit=1)
+    est, grouped = rank(job, parallel__blocks_per_unit=2)
+    assert (
+        grouped.notes["FSDP units (all-gathered one by one)"]
+        < per_block.notes["FSDP units (all-gathered one by one)"]
+    )
+    assert (
+        grouped.notes["largest unit GiB (param_dtype)"] >= per_block.notes["largest unit GiB (param_dtype)"]
+    )
+    assert (
+        grouped.parts["all-gathered parameters (in flight)"]
+        > per_block.parts["all-gathered parameters (in flight)"]
+    )
