@@ -76,8 +76,8 @@ PY
     hooks_profile)  # kernels and time per step by kernel: where a hook's step time goes
       step hooks_profile 150 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 --profile-hooks 3 \
         --hooks ddp_no_hook,fp16,powersgd_r4_ours ;;
-    probe_orth)  # PowerSGD's ops one by one: device time against a plain copy of the same bytes
-      step probe_orth 90 python3 bench/probe_orth.py ;;
+    probe_orth)  # PowerSGD's ops one by one against a plain copy, and torch.compile-fused passes (compiles: ~2 min)
+      step probe_orth 240 python3 bench/probe_orth.py ;;
     fsdp_units_repeat)  # the candidates with two interleaved rounds, 60 steps
       step fsdp_units_repeat 420 python3 bench/bench_speed.py --steps 60 --repeat 2 --cases launcher_compiled,\
 launcher_fsdp_compiled,launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu4,launcher_eager,launcher_fsdp_eager_bpu2 ;;

@@ -303,7 +303,8 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
         return work.get_future().then(lambda fut: fut.value()[0])
 
     index = bucket.index()
-    plan = state.plan(index, [g.shape for g in bucket.gradients()], buffer.device)
+    # The parameters' shapes: `bucket.gradients()` would make a view of the buffer per parameter.
+    plan = state.plan(index, [p.shape for p in bucket.parameters()], buffer.device)
     state.total_numel_before_compression += plan.numel_before
     state.total_numel_after_compression += plan.numel_after
 
@@ -329,11 +330,18 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
         _random_qs(state, plan, q_memory)
 
     # Strided groups are views of the bucket; the others are stacked copies, made after the error is added.
-    matrices = [_matrices(buffer, g) if g.strided else None for g in plan.groups]
-    ps = [_factor_views(p_memory, g, g.shape[0], g.p_start) for g in plan.groups]
-    qs = [_factor_views(q_memory, g, g.shape[1], g.q_start) for g in plan.groups]
+    # Made on first use: a segment replayed as a CUDA graph needs none of them (host time per bucket).
+    views: list[list] = []
+
+    def made() -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
+        if not views:
+            views.append([_matrices(buffer, g) if g.strided else None for g in plan.groups])
+            views.append([_factor_views(p_memory, g, g.shape[0], g.p_start) for g in plan.groups])
+            views.append([_factor_views(q_memory, g, g.shape[1], g.q_start) for g in plan.groups])
+        return views[0], views[1], views[2]
 
     def compress_p() -> None:  # input (+ error), its uncompressed part gathered; P = M orth(Q)
+        matrices, ps, qs = made()
         if add_error:
             buffer.add_(error)
         for i, g in enumerate(plan.groups):
@@ -348,11 +356,13 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
             torch.bmm(matrix, q, out=p)
 
     def compress_q() -> None:  # Q = M^T orth(P), with P summed over ranks
+        matrices, ps, qs = made()
         _orthogonalize_factors(state, p_memory, plan, ps, dim=0)
         for matrix, p, q in zip(matrices, ps, qs):
             torch.bmm(matrix.transpose(1, 2), p, out=q)
 
     def decompress() -> None:  # M = P Q^T (Q averaged), the error = input - M, the mean where uncompressed
+        matrices, ps, qs = made()
         q_memory.div_(world)
         for g, matrix, p, q in zip(plan.groups, matrices, ps, qs):
             q_t = q.transpose(1, 2)
