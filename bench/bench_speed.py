@@ -59,6 +59,11 @@ LAUNCHER_CASES = {
     # one-rank runs above (a one-rank DDP run is the plain model: no peers, no wrapper).
     "launcher_fsdp_eager": (["train.compile=false", "parallel=fsdp"], False),
     "launcher_fsdp_compiled": (["train.compile=true", "parallel=fsdp"], False),
+    # the model and loss compiled as one function, split by Dynamo at the units' hooks: a graph per unit
+    "launcher_fsdp_compiled_whole": (
+        ["train.compile=true", "parallel=fsdp", "parallel.compile_whole_model=true"],
+        False,
+    ),
     # fewer, larger units: FSDP's per-unit host work paid 12/k times (parallel.blocks_per_unit=k)
     **{
         f"launcher_fsdp_{mode}_bpu{k}": (

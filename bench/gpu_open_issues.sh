@@ -92,6 +92,9 @@ launcher_fsdp_compiled,launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu4,l
     fsdp_auto)  # blocks_per_unit=auto (the default) against DDP, two interleaved rounds
       step fsdp_auto 330 python3 bench/bench_speed.py --steps 60 --repeat 2 \
         --cases launcher_compiled,launcher_fsdp_compiled,launcher_fsdp_compiled_bpu1,launcher_eager,launcher_fsdp_eager ;;
+    fsdp_whole)  # parallel.compile_whole_model: a compiled graph per unit instead of per block (+ tail)
+      step fsdp_whole 330 python3 bench/bench_speed.py --steps 60 --repeat 2 \
+        --cases launcher_compiled,launcher_fsdp_compiled,launcher_fsdp_compiled_whole ;;
     fsdp_units)  # parallel.blocks_per_unit: FSDP's per-unit host work paid fewer times
       step fsdp_units 330 python3 bench/bench_speed.py --steps 40 --cases launcher_compiled,launcher_fsdp_compiled,\
 launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu3,launcher_fsdp_compiled_bpu4,launcher_fsdp_compiled_bpu6,\

@@ -311,11 +311,13 @@ class FSDPStrategy:
         reshard = reshards_after_forward(p.reshard_after_forward, self.dims)
         self.units = plan_units(model, layout, reshard, p.blocks_per_unit)
         numels = {u.name: u.numel for u in self.units}
+        whole = cfg.train.compile_on and p.compile_whole_model
+        per_block = cfg.train.compile_on and not whole
         if layout is not None:
             blocks = list(resolve_blocks(model, layout))
             if cfg.train.activation_checkpointing:
                 checkpoint_blocks(blocks)
-            if cfg.train.compile_on:  # per block, before sharding (torchtitan): FSDP's hooks stay eager
+            if per_block:  # before sharding (torchtitan): FSDP's hooks stay eager
                 for module in (model.get_submodule(layout.pre), *blocks):
                     module.compile()
         self.policy = mp_policy(cfg.precision, p.param_dtype, p.reduce_dtype)
@@ -329,10 +331,13 @@ class FSDPStrategy:
         self.reduce_every_micro_step = p.reduce_every_micro_step
         # Compiled: `post` and the loss as one graph, so the logits' upcast and log-softmax fuse into
         # the head's consumers (see with_loss.py). Without a layout, the loss compiled on its own.
-        if cfg.train.compile_on and layout is not None:
+        if whole:  # in place (names unchanged); Dynamo breaks the graph at each unit's hooks
+            self.model = WithLoss(model, recipe.loss)
+            self.model.compile()
+        elif per_block and layout is not None:
             self.model = BodyThenCompiledTail(model, model.get_submodule(layout.post), recipe.loss)
         else:
-            self.model = WithLoss(model, torch.compile(recipe.loss) if cfg.train.compile_on else recipe.loss)
+            self.model = WithLoss(model, torch.compile(recipe.loss) if per_block else recipe.loss)
         self.comm_hook = None
         self.comm_stats = (
             FSDPCommStats(

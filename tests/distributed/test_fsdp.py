@@ -221,11 +221,20 @@ def test_bf16_mixed_precision_trains_close_to_fp32(reference, tmp_path):
     assert last["allgather_bytes"] < numel * 4
 
 
-def test_compiled_two_ranks_match_one_process(reference, tmp_path):
+@pytest.mark.parametrize("whole", [False, True], ids=["per_block", "whole_model"])
+def test_compiled_two_ranks_match_one_process(reference, tmp_path, whole):
     """train.compile=true: blocks compiled one by one, `post` and the loss as one graph
-    (with_loss.BodyThenCompiledTail), evaluation through the eager `post`."""
+    (with_loss.BodyThenCompiledTail), evaluation through the eager `post`; or the model and loss
+    compiled as one function that Dynamo splits at the units' hooks (parallel.compile_whole_model)."""
     result = launch(
-        [*ARGS, *FSDP, "train.micro_batch_size=4", "train.compile=true", "checkpoint.every=6"],
+        [
+            *ARGS,
+            *FSDP,
+            "train.micro_batch_size=4",
+            "train.compile=true",
+            "checkpoint.every=6",
+            f"parallel.compile_whole_model={str(whole).lower()}",
+        ],
         tmp_path,
         nproc=2,
         timeout=900,
