@@ -342,7 +342,7 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
     )
     psgd = dict(rank=4, start_iter=2)
 
-    def ours(rank: int, orthogonalization: str = "auto", graphs: bool = True):
+    def ours(rank: int, orthogonalization: str = "auto", graphs: bool = True, fused: bool = False):
         return lambda: (
             powersgd_hook,
             BatchedPowerSGDState(
@@ -356,6 +356,7 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
                 0,
                 orthogonalization=orthogonalization,
                 cuda_graphs=graphs,
+                fused_products=fused,
             ),
         )
 
@@ -374,6 +375,8 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
         # fewer, larger buckets: each bucket orthonormalises its P and Q once (~0.34 ms of small kernels)
         "ddp_no_hook_b100": None,
         "powersgd_r4_ours_b100": lambda: build_comm_hook(PowerSGDConfig(**psgd), None, False),
+        # the rank-4 products compiled as pointwise multiply-adds + sums (FusedProducts), not cuBLAS
+        "powersgd_r4_ours_fused": ours(4, fused=True),
         "powersgd_r1_ours": ours(1),
         "powersgd_r8_ours": ours(8),
     }

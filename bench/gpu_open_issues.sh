@@ -86,6 +86,9 @@ launcher_fsdp_compiled,launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu4,l
       step hooks_trace 90 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --profile-hooks 3 --hooks ddp_no_hook,powersgd_r4_ours
       unset HOOK_TRACE_DIR ;;
+    hooks_fused)  # the host trims and the fused rank-4 products, against DDP alone
+      step hooks_fused 150 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
+        --hooks ddp_no_hook,fp16,powersgd_r4_ours,powersgd_r4_ours_fused ;;
     hooks_buckets)  # PowerSGD with 100 MB buckets (4x fewer orthonormalisations) against 25 MB
       step hooks_buckets 120 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
         --hooks ddp_no_hook,ddp_no_hook_b100,powersgd_r4_ours,powersgd_r4_ours_b100,fp16 ;;
