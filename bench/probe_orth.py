@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from launcher.parallel.powersgd import orthonormalize_all_  # noqa: E402
+from launcher.parallel.powersgd import _mq, _mtp, _split, orthonormalize_all_  # noqa: E402
 
 BLOCK = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]  # one GPT-2-small block's matrices
 
@@ -125,36 +125,16 @@ def main() -> None:
     row("embedding tf32 r4 bmm Q = M^T P", lambda: torch.bmm(emb.transpose(1, 2), p))
 
 
-def decompress_fused(m: torch.Tensor, e: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> None:
-    """E = M - P Q^T and M = P Q^T in one pass over M (rank r: r multiply-adds an element)."""
-    approx = (p.unsqueeze(2) * q.unsqueeze(1)).sum(-1)
-    e.copy_(m - approx)
-    m.copy_(approx)
-
-
-def compress_fused(m: torch.Tensor, e: torch.Tensor, q: torch.Tensor, p: torch.Tensor) -> None:
-    """M += E, then P = M Q, one pass over M."""
-    m.add_(e)
-    p.copy_((m.unsqueeze(-1) * q.unsqueeze(1)).sum(2))
-
-
-def transpose_fused(m: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> None:
-    """Q = M^T P as a column reduction."""
-    q.copy_((m.unsqueeze(-1) * p.unsqueeze(2)).sum(1))
-
-
 def fused_rows(r: int) -> None:
-    """The three passes over a bucket as torch.compile'd pointwise + reductions (one kernel each,
-    memory-bound if Inductor fuses them) against today's bmm / baddbmm (cuBLAS, skinny shapes)."""
-    dec, com, tra = (
-        torch.compile(f, dynamic=False) for f in (decompress_fused, compress_fused, transpose_fused)
-    )
+    """The hook's three products as `FusedProducts` compiles them (launcher/parallel/powersgd.py: one
+    kernel each if Inductor fuses them) against today's bmm / baddbmm (cuBLAS, skinny shapes)."""
+    dec, com, tra = (torch.compile(f, dynamic=True, fullgraph=True) for f in (_split, _mq, _mtp))
     for label, shapes in (("12 blocks", [(12, n, m) for n, m in BLOCK]), ("embedding", [(1, 50304, 768)])):
         mats = [torch.randn(b, n, m, device="cuda") for b, n, m in shapes]
         errs = [torch.randn_like(a) for a in mats]
         ps = [torch.randn(b, n, r, device="cuda") for b, n, m in shapes]
         qs = [torch.randn(b, m, r, device="cuda") for b, n, m in shapes]
-        check_fused(dec, com, tra, mats[0], errs[0], ps[0], qs[0])
+        check_fused(dec, com, tra, mats[0], ps[0], qs[0])
         row(
             f"r{r} {label}: today decompress (baddbmm E + bmm M)",
             lambda: [
@@ -170,13 +150,10 @@ def fused_rows(r: int) -> None:
             lambda: [dec(a, e, p, q) for a, e, p, q in zip(mats, errs, ps, qs)],
         )
         row(
-            f"r{r} {label}: today compress (add_ E + bmm P = M Q)",
-            lambda: [(a.add_(e), torch.bmm(a, q, out=p)) for a, e, p, q in zip(mats, errs, ps, qs)],
+            f"r{r} {label}: today P = M Q (bmm)",
+            lambda: [torch.bmm(a, q, out=p) for a, p, q in zip(mats, ps, qs)],
         )
-        row(
-            f"r{r} {label}: compiled fused compress",
-            lambda: [com(a, e, q, p) for a, e, p, q in zip(mats, errs, ps, qs)],
-        )
+        row(f"r{r} {label}: compiled P = M Q", lambda: [com(a, q, p) for a, p, q in zip(mats, ps, qs)])
         row(
             f"r{r} {label}: today Q = M^T P (bmm)",
             lambda: [torch.bmm(a.transpose(1, 2), p, out=q) for a, p, q in zip(mats, ps, qs)],
@@ -184,16 +161,16 @@ def fused_rows(r: int) -> None:
         row(f"r{r} {label}: compiled Q = M^T P", lambda: [tra(a, p, q) for a, p, q in zip(mats, ps, qs)])
 
 
-def check_fused(dec, com, tra, m, e, p, q) -> None:  # noqa: ANN001
+def check_fused(dec, com, tra, m, p, q) -> None:  # noqa: ANN001
     """The fused functions compute what today's ops compute (fp32 tolerance)."""
     close = lambda x, y: torch.allclose(x, y, rtol=1e-4, atol=1e-4)  # noqa: E731
     a, err = m.clone(), torch.empty_like(m)
     dec(a, err, p, q)
     approx = torch.bmm(p, q.transpose(1, 2))
     assert close(a, approx) and close(err, m - approx), "fused decompress differs"
-    a, out = m.clone(), torch.empty_like(p)
-    com(a, e, q, out)
-    assert close(a, m + e) and close(out, torch.bmm(m + e, q)), "fused compress differs"
+    out = torch.empty_like(p)
+    com(m, q, out)
+    assert close(out, torch.bmm(m, q)), "fused P = M Q differs"
     out = torch.empty_like(q)
     tra(m, p, out)
     assert close(out, torch.bmm(m.transpose(1, 2), p)), "fused transpose product differs"

@@ -178,11 +178,9 @@ def shard_units(units: list[Unit], mesh: DeviceMesh, policy: MixedPrecisionPolic
         fully_shard(target, reshard_after_forward=unit.reshards, **kwargs)
 
 
-def unit_numels(
-    model: nn.Module, layout: BlockLayout | None, blocks_per_unit: int | str = 1
-) -> dict[str, int]:
+def unit_numels(model: nn.Module, layout: BlockLayout | None) -> dict[str, int]:
     """Parameters per all-gather unit (before sharding), keyed by unit name."""
-    return {u.name: u.numel for u in plan_units(model, layout, False, blocks_per_unit)}
+    return {u.name: u.numel for u in plan_units(model, layout, False)}
 
 
 class FSDPCommStats:

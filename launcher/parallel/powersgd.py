@@ -24,6 +24,7 @@ torch lays them out, so checkpoints save and resume it exactly as they do torch'
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -167,23 +168,15 @@ class FusedProducts:
     fraction of bandwidth: bench/probe_orth.py), elsewhere run as written (tests: the same numbers)."""
 
     def __init__(self) -> None:
-        self._compiled: dict[str, Any] = {}
+        self._compiled: dict[Any, Any] = {}
 
-    def _fn(self, name: str, fn: Any, cuda: bool) -> Any:
-        if not cuda:
-            return fn
-        if name not in self._compiled:
-            self._compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-        return self._compiled[name]
-
-    def mq(self, matrices: torch.Tensor, q: torch.Tensor, p: torch.Tensor) -> None:
-        self._fn("mq", _mq, matrices.is_cuda)(matrices, q, p)
-
-    def mtp(self, matrices: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> None:
-        self._fn("mtp", _mtp, matrices.is_cuda)(matrices, p, q)
-
-    def split(self, matrices: torch.Tensor, error: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> None:
-        self._fn("split", _split, matrices.is_cuda)(matrices, error, p, q)
+    def run(self, fn: Any, *tensors: torch.Tensor) -> None:
+        """`fn(*tensors)`: compiled (once, for any shape) when the tensors are on a GPU."""
+        if not tensors[0].is_cuda:
+            return fn(*tensors)
+        if fn not in self._compiled:
+            self._compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        return self._compiled[fn](*tensors)
 
 
 def _make_plan(shapes: list[torch.Size], rank: int, min_rate: float, device: torch.device) -> _Plan:
@@ -377,14 +370,13 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
 
     # Strided groups are views of the bucket; the others are stacked copies, made after the error is added.
     # Made on first use: a segment replayed as a CUDA graph needs none of them (host time per bucket).
-    views: list[list] = []
-
+    @functools.cache
     def made() -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
-        if not views:
-            views.append([_matrices(buffer, g) if g.strided else None for g in plan.groups])
-            views.append([_factor_views(p_memory, g, g.shape[0], g.p_start) for g in plan.groups])
-            views.append([_factor_views(q_memory, g, g.shape[1], g.q_start) for g in plan.groups])
-        return views[0], views[1], views[2]
+        return (
+            [_matrices(buffer, g) if g.strided else None for g in plan.groups],
+            [_factor_views(p_memory, g, g.shape[0], g.p_start) for g in plan.groups],
+            [_factor_views(q_memory, g, g.shape[1], g.q_start) for g in plan.groups],
+        )
 
     def compress_p() -> None:  # input (+ error), its uncompressed part gathered; P = M orth(Q)
         matrices, ps, qs = made()
@@ -400,7 +392,7 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
         _orthogonalize_factors(state, q_memory, plan, qs, dim=1)
         for matrix, p, q in zip(matrices, ps, qs):
             if fused is not None:
-                fused.mq(matrix, q, p)
+                fused.run(_mq, matrix, q, p)
             else:
                 torch.bmm(matrix, q, out=p)
 
@@ -409,7 +401,7 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
         _orthogonalize_factors(state, p_memory, plan, ps, dim=0)
         for matrix, p, q in zip(matrices, ps, qs):
             if fused is not None:
-                fused.mtp(matrix, p, q)
+                fused.run(_mtp, matrix, p, q)
             else:
                 torch.bmm(matrix.transpose(1, 2), p, out=q)
 
@@ -419,7 +411,7 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
         for g, matrix, p, q in zip(plan.groups, matrices, ps, qs):
             q_t = q.transpose(1, 2)
             if fused is not None and error is not None and g.strided:  # both from one read of M
-                fused.split(matrix, _matrices(error, g), p, q)
+                fused.run(_split, matrix, _matrices(error, g), p, q)
                 continue
             if error is not None:  # one pass over the input
                 if g.strided:
