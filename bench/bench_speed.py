@@ -59,11 +59,6 @@ LAUNCHER_CASES = {
     # one-rank runs above (a one-rank DDP run is the plain model: no peers, no wrapper).
     "launcher_fsdp_eager": (["train.compile=false", "parallel=fsdp"], False),
     "launcher_fsdp_compiled": (["train.compile=true", "parallel=fsdp"], False),
-    # the model and loss compiled as one function, split by Dynamo at the units' hooks: a graph per unit
-    "launcher_fsdp_compiled_whole": (
-        ["train.compile=true", "parallel=fsdp", "parallel.compile_whole_model=true"],
-        False,
-    ),
     # fewer, larger units: FSDP's per-unit host work paid 12/k times (parallel.blocks_per_unit=k)
     **{
         f"launcher_fsdp_{mode}_bpu{k}": (
@@ -342,7 +337,7 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
     )
     psgd = dict(rank=4, start_iter=2)
 
-    def ours(rank: int, orthogonalization: str = "auto", graphs: bool = True, fused: bool = False):
+    def ours(rank: int, orthogonalization: str = "auto", graphs: bool = True):
         return lambda: (
             powersgd_hook,
             BatchedPowerSGDState(
@@ -356,7 +351,6 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
                 0,
                 orthogonalization=orthogonalization,
                 cuda_graphs=graphs,
-                fused_products=fused,
             ),
         )
 
@@ -375,8 +369,6 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
         # fewer, larger buckets: each bucket orthonormalises its P and Q once (~0.34 ms of small kernels)
         "ddp_no_hook_b100": None,
         "powersgd_r4_ours_b100": lambda: build_comm_hook(PowerSGDConfig(**psgd), None, False),
-        # the rank-4 products compiled as pointwise multiply-adds + sums (FusedProducts), not cuBLAS
-        "powersgd_r4_ours_fused": ours(4, fused=True),
         "powersgd_r1_ours": ours(1),
         "powersgd_r8_ours": ours(8),
     }

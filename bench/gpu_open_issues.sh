@@ -76,7 +76,7 @@ PY
     hooks_profile)  # kernels and time per step by kernel: where a hook's step time goes
       step hooks_profile 150 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 --profile-hooks 3 \
         --hooks ddp_no_hook,fp16,powersgd_r4_ours ;;
-    probe_orth)  # PowerSGD's ops one by one against a plain copy, and torch.compile-fused passes (compiles: ~2 min)
+    probe_orth)  # PowerSGD's ops one by one against a plain copy
       step probe_orth 240 python3 bench/probe_orth.py ;;
     fsdp_units_repeat)  # the candidates with two interleaved rounds, 60 steps
       step fsdp_units_repeat 420 python3 bench/bench_speed.py --steps 60 --repeat 2 --cases launcher_compiled,\
@@ -86,18 +86,15 @@ launcher_fsdp_compiled,launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu4,l
       step hooks_trace 90 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --profile-hooks 3 --hooks ddp_no_hook,powersgd_r4_ours
       unset HOOK_TRACE_DIR ;;
-    hooks_fused)  # the host trims and the fused rank-4 products, against DDP alone
-      step hooks_fused 150 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
-        --hooks ddp_no_hook,fp16,powersgd_r4_ours,powersgd_r4_ours_fused ;;
     hooks_buckets)  # PowerSGD with 100 MB buckets (4x fewer orthonormalisations) against 25 MB
       step hooks_buckets 120 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
         --hooks ddp_no_hook,ddp_no_hook_b100,powersgd_r4_ours,powersgd_r4_ours_b100,fp16 ;;
     fsdp_auto)  # blocks_per_unit=auto (the default) against DDP, two interleaved rounds
       step fsdp_auto 330 python3 bench/bench_speed.py --steps 60 --repeat 2 \
         --cases launcher_compiled,launcher_fsdp_compiled,launcher_fsdp_compiled_bpu1,launcher_eager,launcher_fsdp_eager ;;
-    fsdp_whole)  # parallel.compile_whole_model: a compiled graph per unit instead of per block (+ tail)
-      step fsdp_whole 330 python3 bench/bench_speed.py --steps 60 --repeat 2 \
-        --cases launcher_compiled,launcher_fsdp_compiled,launcher_fsdp_compiled_whole ;;
+    fsdp_forward)  # blocks' forward compiled (FSDP's hooks outside the graphs) against compiled DDP
+      step fsdp_forward 280 python3 bench/bench_speed.py --steps 60 --repeat 2 \
+        --cases launcher_compiled,launcher_fsdp_compiled ;;
     fsdp_units)  # parallel.blocks_per_unit: FSDP's per-unit host work paid fewer times
       step fsdp_units 330 python3 bench/bench_speed.py --steps 40 --cases launcher_compiled,launcher_fsdp_compiled,\
 launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu3,launcher_fsdp_compiled_bpu4,launcher_fsdp_compiled_bpu6,\

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from launcher.parallel.powersgd import _mq, _mtp, _split, orthonormalize_all_  # noqa: E402
+from launcher.parallel.powersgd import orthonormalize_all_  # noqa: E402
 
 BLOCK = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]  # one GPT-2-small block's matrices
 
@@ -110,7 +110,6 @@ def main() -> None:
             f"r{r} 12 blocks: (M q) as mul-sum",
             lambda: [(a.unsqueeze(-1) * q.unsqueeze(1)).sum(2) for a, q in zip(b12[:1], q12[:1])],
         )
-    fused_rows(4)
     emb = torch.randn(1, 50304, 768, device="cuda")
     q = torch.randn(1, 768, 4, device="cuda")
     p = torch.randn(1, 50304, 4, device="cuda")
@@ -123,57 +122,6 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     row("embedding tf32 r4 bmm P = M Q", lambda: torch.bmm(emb, q))
     row("embedding tf32 r4 bmm Q = M^T P", lambda: torch.bmm(emb.transpose(1, 2), p))
-
-
-def fused_rows(r: int) -> None:
-    """The hook's three products as `FusedProducts` compiles them (launcher/parallel/powersgd.py: one
-    kernel each if Inductor fuses them) against today's bmm / baddbmm (cuBLAS, skinny shapes)."""
-    dec, com, tra = (torch.compile(f, dynamic=True, fullgraph=True) for f in (_split, _mq, _mtp))
-    for label, shapes in (("12 blocks", [(12, n, m) for n, m in BLOCK]), ("embedding", [(1, 50304, 768)])):
-        mats = [torch.randn(b, n, m, device="cuda") for b, n, m in shapes]
-        errs = [torch.randn_like(a) for a in mats]
-        ps = [torch.randn(b, n, r, device="cuda") for b, n, m in shapes]
-        qs = [torch.randn(b, m, r, device="cuda") for b, n, m in shapes]
-        check_fused(dec, com, tra, mats[0], ps[0], qs[0])
-        row(
-            f"r{r} {label}: today decompress (baddbmm E + bmm M)",
-            lambda: [
-                (
-                    torch.baddbmm(a, p, q.transpose(1, 2), alpha=-1, out=e),
-                    torch.bmm(p, q.transpose(1, 2), out=a),
-                )
-                for a, e, p, q in zip(mats, errs, ps, qs)
-            ],
-        )
-        row(
-            f"r{r} {label}: compiled fused decompress",
-            lambda: [dec(a, e, p, q) for a, e, p, q in zip(mats, errs, ps, qs)],
-        )
-        row(
-            f"r{r} {label}: today P = M Q (bmm)",
-            lambda: [torch.bmm(a, q, out=p) for a, p, q in zip(mats, ps, qs)],
-        )
-        row(f"r{r} {label}: compiled P = M Q", lambda: [com(a, q, p) for a, p, q in zip(mats, ps, qs)])
-        row(
-            f"r{r} {label}: today Q = M^T P (bmm)",
-            lambda: [torch.bmm(a.transpose(1, 2), p, out=q) for a, p, q in zip(mats, ps, qs)],
-        )
-        row(f"r{r} {label}: compiled Q = M^T P", lambda: [tra(a, p, q) for a, p, q in zip(mats, ps, qs)])
-
-
-def check_fused(dec, com, tra, m, p, q) -> None:  # noqa: ANN001
-    """The fused functions compute what today's ops compute (fp32 tolerance)."""
-    close = lambda x, y: torch.allclose(x, y, rtol=1e-4, atol=1e-4)  # noqa: E731
-    a, err = m.clone(), torch.empty_like(m)
-    dec(a, err, p, q)
-    approx = torch.bmm(p, q.transpose(1, 2))
-    assert close(a, approx) and close(err, m - approx), "fused decompress differs"
-    out = torch.empty_like(p)
-    com(m, q, out)
-    assert close(out, torch.bmm(m, q)), "fused P = M Q differs"
-    out = torch.empty_like(q)
-    tra(m, p, out)
-    assert close(out, torch.bmm(m.transpose(1, 2), p)), "fused transpose product differs"
 
 
 if __name__ == "__main__":

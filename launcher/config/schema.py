@@ -342,11 +342,6 @@ class FSDPConfig:
     millisecond of host work (Python hooks, collective launches) however small it is, which a small
     block's compute cannot hide (one H100, GPT-2-small, bench/RESULTS.md). Larger units keep more
     gathered parameters in flight under reshard_after_forward."""
-    compile_whole_model: bool = False
-    """With train.compile: false (torchtitan's) compiles each block, and `post` with the loss, one
-    call each; true compiles the model and the loss as one function, which Dynamo splits at every
-    unit's FSDP hooks: one graph per unit (the blocks of a unit fused together), fewer compiled calls
-    a step. Experimental: not yet measured on a GPU (bench case launcher_fsdp_compiled_whole)."""
     param_dtype: FSDPDtype = FSDPDtype.auto
     """Dtype of the all-gathered parameters the forward and backward compute with (the shards stay
     fp32 for the optimizer). auto = the precision's: bf16 for precision=bf16/fp8, fp16 for fp16, fp32

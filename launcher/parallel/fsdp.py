@@ -8,9 +8,11 @@ reduce-scatter unit), then to the root, which takes whatever parameters are left
 computes, its parameters are all-gathered (in `param_dtype`); after its backward, its gradients are
 reduce-scattered (in `reduce_dtype`) and, with hybrid sharding, all-reduced across the replica groups.
 
-Activation checkpointing and torch.compile apply per block before sharding (torchtitan's order); `post`
-and the recipe's loss are compiled together (with_loss.BodyThenCompiledTail), so the logits' fp32
-upcast and log-softmax fuse into the kernels that read them.
+Activation checkpointing and torch.compile apply per block before sharding (torchtitan's order), the
+compile to each block's `forward` alone: FSDP's hooks run in the module's call, outside the graph, so
+Dynamo never breaks a graph at them. `post` and the recipe's loss are compiled together
+(with_loss.BodyThenCompiledTail), so the logits' fp32 upcast and log-softmax fuse into the kernels
+that read them.
 """
 
 from __future__ import annotations
@@ -309,15 +311,14 @@ class FSDPStrategy:
         reshard = reshards_after_forward(p.reshard_after_forward, self.dims)
         self.units = plan_units(model, layout, reshard, p.blocks_per_unit)
         numels = {u.name: u.numel for u in self.units}
-        whole = cfg.train.compile_on and p.compile_whole_model
-        per_block = cfg.train.compile_on and not whole
+        compiled = cfg.train.compile_on
         if layout is not None:
             blocks = list(resolve_blocks(model, layout))
             if cfg.train.activation_checkpointing:
                 checkpoint_blocks(blocks)
-            if per_block:  # before sharding (torchtitan): FSDP's hooks stay eager
+            if compiled:  # each `forward` alone: FSDP's hooks, run by the module's call, stay outside
                 for module in (model.get_submodule(layout.pre), *blocks):
-                    module.compile()
+                    module.forward = torch.compile(module.forward)
         self.policy = mp_policy(cfg.precision, p.param_dtype, p.reduce_dtype)
         shard_units(self.units, self.mesh, self.policy, p.offload)
         log.info(
@@ -329,13 +330,10 @@ class FSDPStrategy:
         self.reduce_every_micro_step = p.reduce_every_micro_step
         # Compiled: `post` and the loss as one graph, so the logits' upcast and log-softmax fuse into
         # the head's consumers (see with_loss.py). Without a layout, the loss compiled on its own.
-        if whole:  # in place (names unchanged); Dynamo breaks the graph at each unit's hooks
-            self.model = WithLoss(model, recipe.loss)
-            self.model.compile()
-        elif per_block and layout is not None:
+        if compiled and layout is not None:
             self.model = BodyThenCompiledTail(model, model.get_submodule(layout.post), recipe.loss)
         else:
-            self.model = WithLoss(model, torch.compile(recipe.loss) if per_block else recipe.loss)
+            self.model = WithLoss(model, torch.compile(recipe.loss) if compiled else recipe.loss)
         self.comm_hook = None
         self.comm_stats = (
             FSDPCommStats(

@@ -78,8 +78,6 @@ class BatchedPowerSGDState:
             `torch.linalg.qr` per shape group) or "gram_schmidt" (torch's choice up to rank 2:
             batched modified Gram-Schmidt, a few small kernels per column, `orthogonalization_epsilon`
             added to the norms).
-        fused_products: experimental, for bench/bench_speed.py (not yet measured): the rank-r products
-            as pointwise multiply-adds and sums (`FusedProducts`) instead of cuBLAS bmm / baddbmm.
     """
 
     def __init__(
@@ -94,7 +92,6 @@ class BatchedPowerSGDState:
         random_seed: int,
         orthogonalization: str = "auto",
         cuda_graphs: bool = True,
-        fused_products: bool = False,
     ) -> None:
         if orthogonalization not in ORTHOGONALIZATIONS:
             raise ValueError(
@@ -120,7 +117,6 @@ class BatchedPowerSGDState:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._uncompressed: dict[int, torch.Tensor] = {}
         self.graphs = SegmentGraphs(enabled=cuda_graphs)
-        self.products = FusedProducts() if fused_products else None
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
         """The CUDA stream this rank's hook work runs on (one per device, made on first use)."""
@@ -143,40 +139,6 @@ class BatchedPowerSGDState:
                 shapes, self.matrix_approximation_rank, self.min_compression_rate, device
             )
         return self._plans[key]
-
-
-def _mq(matrices: torch.Tensor, q: torch.Tensor, p: torch.Tensor) -> None:
-    """P = M Q for (b, n, m) M and (b, m, r) Q: r multiply-adds per element of M, summed over m."""
-    p.copy_((matrices.unsqueeze(-1) * q.unsqueeze(1)).sum(2))
-
-
-def _mtp(matrices: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> None:
-    """Q = M^T P, summed over n."""
-    q.copy_((matrices.unsqueeze(-1) * p.unsqueeze(2)).sum(1))
-
-
-def _split(matrices: torch.Tensor, error: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> None:
-    """error = M - P Q^T and M = P Q^T, both from one read of M."""
-    approx = (p.unsqueeze(2) * q.unsqueeze(1)).sum(-1)
-    error.copy_(matrices - approx)
-    matrices.copy_(approx)
-
-
-class FusedProducts:
-    """The three rank-r products of a bucket as pointwise multiply-adds and sums: on CUDA compiled
-    (Inductor fuses each into one memory-bound kernel over M, where cuBLAS's skinny GEMMs ran at a
-    fraction of bandwidth: bench/probe_orth.py), elsewhere run as written (tests: the same numbers)."""
-
-    def __init__(self) -> None:
-        self._compiled: dict[Any, Any] = {}
-
-    def run(self, fn: Any, *tensors: torch.Tensor) -> None:
-        """`fn(*tensors)`: compiled (once, for any shape) when the tensors are on a GPU."""
-        if not tensors[0].is_cuda:
-            return fn(*tensors)
-        if fn not in self._compiled:
-            self._compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-        return self._compiled[fn](*tensors)
 
 
 def _make_plan(shapes: list[torch.Size], rank: int, min_rate: float, device: torch.device) -> _Plan:
@@ -391,28 +353,19 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
                 error.index_copy_(0, plan.uncompressed_index, uncompressed)  # the input; minus the mean later
         _orthogonalize_factors(state, q_memory, plan, qs, dim=1)
         for matrix, p, q in zip(matrices, ps, qs):
-            if fused is not None:
-                fused.run(_mq, matrix, q, p)
-            else:
-                torch.bmm(matrix, q, out=p)
+            torch.bmm(matrix, q, out=p)
 
     def compress_q() -> None:  # Q = M^T orth(P), with P summed over ranks
         matrices, ps, qs = made()
         _orthogonalize_factors(state, p_memory, plan, ps, dim=0)
         for matrix, p, q in zip(matrices, ps, qs):
-            if fused is not None:
-                fused.run(_mtp, matrix, p, q)
-            else:
-                torch.bmm(matrix.transpose(1, 2), p, out=q)
+            torch.bmm(matrix.transpose(1, 2), p, out=q)
 
     def decompress() -> None:  # M = P Q^T (Q averaged), the error = input - M, the mean where uncompressed
         matrices, ps, qs = made()
         q_memory.div_(world)
         for g, matrix, p, q in zip(plan.groups, matrices, ps, qs):
             q_t = q.transpose(1, 2)
-            if fused is not None and error is not None and g.strided:  # both from one read of M
-                fused.run(_split, matrix, _matrices(error, g), p, q)
-                continue
             if error is not None:  # one pass over the input
                 if g.strided:
                     torch.baddbmm(matrix, p, q_t, alpha=-1, out=_matrices(error, g))
@@ -428,7 +381,6 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
             if error is not None:  # as torch's hook: input - output for these elements too
                 error.index_add_(0, plan.uncompressed_index, uncompressed, alpha=-1)
 
-    fused = state.products
     cuda = buffer.is_cuda
     # The tensors the segments touch; while they stay put, the segments replay as CUDA graphs.
     key = None

@@ -221,11 +221,11 @@ def test_bf16_mixed_precision_trains_close_to_fp32(reference, tmp_path):
     assert last["allgather_bytes"] < numel * 4
 
 
-@pytest.mark.parametrize("whole", [False, True], ids=["per_block", "whole_model"])
-def test_compiled_two_ranks_match_one_process(reference, tmp_path, whole):
-    """train.compile=true: blocks compiled one by one, `post` and the loss as one graph
-    (with_loss.BodyThenCompiledTail), evaluation through the eager `post`; or the model and loss
-    compiled as one function that Dynamo splits at the units' hooks (parallel.compile_whole_model)."""
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_compiled_two_ranks_match_one_process(reference, tmp_path, checkpointed):
+    """train.compile=true: each block's forward compiled (FSDP's hooks outside the graphs), checkpointed
+    or not, `post` and the loss as one graph (with_loss.BodyThenCompiledTail), evaluation through the
+    eager `post`."""
     result = launch(
         [
             *ARGS,
@@ -233,7 +233,7 @@ def test_compiled_two_ranks_match_one_process(reference, tmp_path, whole):
             "train.micro_batch_size=4",
             "train.compile=true",
             "checkpoint.every=6",
-            f"parallel.compile_whole_model={str(whole).lower()}",
+            f"train.activation_checkpointing={str(checkpointed).lower()}",
         ],
         tmp_path,
         nproc=2,
