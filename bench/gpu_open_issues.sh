@@ -93,7 +93,7 @@ launcher_fsdp_compiled,launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu4,l
       step fsdp_auto 330 python3 bench/bench_speed.py --steps 60 --repeat 2 \
         --cases launcher_compiled,launcher_fsdp_compiled,launcher_fsdp_compiled_bpu1,launcher_eager,launcher_fsdp_eager ;;
     fsdp_forward)  # blocks' forward compiled (FSDP's hooks outside the graphs) against compiled DDP
-      step fsdp_forward 280 python3 bench/bench_speed.py --steps 60 --repeat 2 \
+      step fsdp_forward 400 python3 bench/bench_speed.py --steps 60 --repeat 3 \
         --cases launcher_compiled,launcher_fsdp_compiled ;;
     fsdp_units)  # parallel.blocks_per_unit: FSDP's per-unit host work paid fewer times
       step fsdp_units 330 python3 bench/bench_speed.py --steps 40 --cases launcher_compiled,launcher_fsdp_compiled,\
