@@ -107,6 +107,10 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
       step serve "${SERVE_S:-110}" python3 bench/bench_serve.py --quick ;;
     observe)
       step observe "${OBSERVE_S:-110}" python3 bench/bench_observe.py --quick --out "$out/observe.json" ;;
+    workspaces)  # convolutions' workspaces measured on the GPU by the estimate (issue 21: conv reserved)
+      step gpu_tests 150 python3 -m pytest -q tests/gpu
+      step conv_workspaces 200 python3 bench/bench_memory.py --suite heldout --jobs 2 --steps 4 \
+        --only conv_bf16_adamw_mb128,conv_fp32_sgd_ac_mb64 ;;
     heldout)
       step heldout 300 python3 bench/bench_memory.py --suite heldout --jobs 6 --steps 4 --out "$out/heldout.jsonl" ;;
     heldout2)

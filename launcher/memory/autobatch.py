@@ -155,15 +155,18 @@ def resolve_batch(
     flops = _flops_per_sample(cfg, recipe_class)
     tried: list[Candidate] = []
     best: Candidate | None = None
-    for ac in checkpointing:
-        fitting = _largest_fitting(cfg, recipe_class, world_size, available, sizes, accum_of, ac, tried)
-        if fitting is None:
-            continue
-        train_flops, recompute_flops = flops
-        mb = fitting.micro_batch_size
-        fitting.score = mb / (mb * (train_flops + (recompute_flops if ac else 0.0)) + OVERHEAD_FLOPS)
-        if best is None or fitting.score > best.score:
-            best = fitting
+    from launcher.memory.gpu_workspaces import measured_here  # noqa: PLC0415 - only when something is auto
+
+    with measured_here():  # convolutions' workspaces from this GPU, if there is one
+        for ac in checkpointing:
+            fitting = _largest_fitting(cfg, recipe_class, world_size, available, sizes, accum_of, ac, tried)
+            if fitting is None:
+                continue
+            train_flops, recompute_flops = flops
+            mb = fitting.micro_batch_size
+            fitting.score = mb / (mb * (train_flops + (recompute_flops if ac else 0.0)) + OVERHEAD_FLOPS)
+            if best is None or fitting.score > best.score:
+                best = fitting
     what = "train.micro_batch_size" if is_auto(train.micro_batch_size) else "train.activation_checkpointing"
     if best is None:
         smallest = min(tried, key=lambda c: c.needed)

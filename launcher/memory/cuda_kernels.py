@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from launcher.memory.gpu_workspaces import measured_workspace
+
 aten = torch.ops.aten
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 LSTM_RESERVE_PER_ELEMENT = 5
@@ -118,11 +120,15 @@ def _dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace
 def workspace_bytes(func, args, out) -> int:  # noqa: ANN001
     """Bytes a CUDA kernel takes from the caching allocator while it runs, beyond its outputs.
 
-    Probe (H100): a convolution's forward and backward take about its input plus its output (e.g. 128
-    MiB for 64 MiB in and out; cuDNN's chosen algorithm, not cudnn.benchmark); cuDNN attention's
-    backward three query-sized buffers plus an fp32 (batch, heads, seq); memory-efficient attention's
-    backward two (flash attention's fp32 dq accumulator is the same size).
+    A convolution's is measured on the GPU where there is one (gpu_workspaces.measured_here);
+    elsewhere, from the probe (H100): a convolution's forward and backward take about its input plus
+    its output (e.g. 128 MiB for 64 MiB in and out; cuDNN's chosen algorithm, not cudnn.benchmark);
+    cuDNN attention's backward three query-sized buffers plus an fp32 (batch, heads, seq);
+    memory-efficient attention's backward two (flash attention's fp32 dq accumulator is the same size).
     """
+    measured = measured_workspace(func, args)
+    if measured is not None:  # on this machine's GPU (gpu_workspaces.py)
+        return measured
     if func is aten.convolution.default:
         return _nbytes(args[0]) + _nbytes(out)
     if func is aten.convolution_backward.default:

@@ -26,9 +26,12 @@ def estimate_device(cfg) -> tuple[int, str]:
 
 
 def main(argv: list[str]) -> int:
+    import torch
+
     from launcher.errors import ConfigError
     from launcher.memory.estimate import estimate
     from launcher.memory.fixes import rank_fixes
+    from launcher.memory.gpu_workspaces import measured_here
     from launcher.memory.table import render
 
     # What `auto` settings chose (compile, micro-batch) is logged while composing: show it.
@@ -37,14 +40,23 @@ def main(argv: list[str]) -> int:
     argv = [a for a in argv if a != "--json"]
     sweep, argv = _take_sweep(argv)
     try:
-        if sweep is not None:
-            return _sweep(argv, *sweep, as_json)
-        job, world_size = _compose(argv)
-        cfg = job.cfg
-        est = estimate(cfg, job.recipe_class, world_size, cfg.estimate.gpu)
-        fixes = (
-            [] if est.fits else rank_fixes(cfg, job.recipe_class, world_size, est, est.device_bytes, est.gpu)
-        )
+        with measured_here() as workspaces:  # on a GPU node: convolutions' workspaces from its GPU
+            if sweep is not None:
+                return _sweep(argv, *sweep, as_json)
+            job, world_size = _compose(argv)
+            cfg = job.cfg
+            est = estimate(cfg, job.recipe_class, world_size, cfg.estimate.gpu)
+            fixes = (
+                []
+                if est.fits
+                else rank_fixes(cfg, job.recipe_class, world_size, est, est.device_bytes, est.gpu)
+            )
+        if workspaces is not None and workspaces.sizes:
+            logging.info(
+                "convolution workspaces: %d calls measured on %s",
+                len(workspaces.sizes),
+                torch.cuda.get_device_name(workspaces.device),
+            )
     except ConfigError as err:
         print(f"launcher: invalid config: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -73,3 +73,23 @@ def test_nccl_fsdp_matches_one_gpu_fp32_and_offloads(tmp_path):
         assert_ok(result)
     assert relative_diff(sharded.model(), single.model()) < 1e-5
     assert relative_diff(offload.model(), single.model()) < 1e-5
+
+
+def test_measured_convolution_workspace_is_what_the_allocator_gives_it():
+    """gpu_workspaces measures a convolution's workspace as the allocator's requested peak beyond its
+    input and output; running the same call again, the allocator's peak is input + output + that."""
+    from launcher.memory.gpu_workspaces import GpuWorkspaces
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    x = torch.empty(64, 64, 64, 64, device="meta")
+    w = torch.empty(64, 64, 3, 3, device="meta")
+    args = (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    workspace = GpuWorkspaces(device)(torch.ops.aten.convolution.default, args)
+    real_x, real_w = torch.empty_like(x, device=device), torch.empty_like(w, device=device)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["requested_bytes.all.current"]
+    torch.cuda.reset_peak_memory_stats()
+    out = torch.ops.aten.convolution.default(real_x, real_w, *args[2:])
+    torch.cuda.synchronize()
+    peak = torch.cuda.memory_stats()["requested_bytes.all.peak"]
+    assert peak - before == out.untyped_storage().nbytes() + workspace

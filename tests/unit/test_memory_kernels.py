@@ -201,3 +201,26 @@ def test_compiled_forward_saves_what_torch_partitioner_saves():
 def _meta(make):
     with torch.device("meta"):
         return make()
+
+
+def test_a_measured_convolution_workspace_replaces_the_nominal_one(monkeypatch):
+    """Beside a GPU the convolutions' workspaces come from running them there (gpu_workspaces.py):
+    the trace takes that size, odd tail and all, at the kernel's moment, once per distinct call."""
+    from launcher.memory import gpu_workspaces
+
+    calls = []
+
+    class Measured(gpu_workspaces.GpuWorkspaces):
+        def _measure(self, func, args):  # what the GPU would say: 1.5 MiB and a 300-byte tail
+            calls.append(func)
+            return 3 * 2**19 + 300
+
+    monkeypatch.setattr(gpu_workspaces, "_ACTIVE", [Measured(torch.device("cpu"))])
+    with fake_mode():
+        conv = materialize(_meta(lambda: nn.Conv2d(8, 16, 3, padding=1, bias=False)))
+        tracker = trace_forward(conv, torch.empty(4, 8, 32, 32))
+        trace_forward(conv, torch.empty(4, 8, 32, 32))  # the same call again: not measured again
+    weight, inp, out = 16 * 8 * 9 * 4, 4 * 8 * 32 * 32 * 4, 4 * 16 * 32 * 32 * 4
+    live = sum(allocated_bytes(n) for n in (weight, inp, out))
+    assert tracker.peak == live + allocated_bytes(3 * 2**19 + 300)
+    assert calls == [torch.ops.aten.convolution.default]
