@@ -102,6 +102,11 @@ FP8_CASES = {
     "d4096_fp8_tensorwise": (_width(4096, 4, 32, 8) + FP8, True),
     "d4096_fp8_rowwise": (_width(4096, 4, 32, 8) + ROWWISE, True),
     "d4096_fp8_tensorwise_head": (_width(4096, 4, 32, 8) + [*FP8, "precision.fp8_head=true"], True),
+    # twice the blocks: the bf16 head (206M parameters, a quarter of the 4-block model's GEMM FLOPs)
+    # weighs half as much, as it does in deeper models
+    "d4096x8_bf16": (_width(4096, 8, 32, 8), True),
+    "d4096x8_fp8_tensorwise": (_width(4096, 8, 32, 8) + FP8, True),
+    "d4096x8_fp8_tensorwise_head": (_width(4096, 8, 32, 8) + [*FP8, "precision.fp8_head=true"], True),
 }
 
 # Throughput by micro-batch and activation checkpointing (what train.micro_batch_size=auto weighs).

@@ -101,16 +101,21 @@ launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu3,launcher_fsdp_compiled_b
 launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
     fp8)
       step fp8 280 python3 bench/bench_speed.py --steps 30 --cases d4096_bf16,d4096_fp8_tensorwise,d4096_fp8_tensorwise_head ;;
+    fp8_deep)  # d 4096 with 8 blocks: fp8 against bf16 where the head weighs less (issue 20 target 4)
+      step fp8_deep 420 python3 bench/bench_speed.py --steps 40 \
+        --cases d4096x8_bf16,d4096x8_fp8_tensorwise,d4096x8_fp8_tensorwise_head ;;
     memory)  # issue 11's table, the refusal demo and the leak check
       step memory "${MEMORY_S:-320}" python3 bench/bench_memory.py --steps 4 --out "$out/memory.jsonl" ;;
     serve)
       step serve "${SERVE_S:-110}" python3 bench/bench_serve.py --quick ;;
     observe)
       step observe "${OBSERVE_S:-110}" python3 bench/bench_observe.py --quick --out "$out/observe.json" ;;
-    workspaces)  # convolutions' workspaces measured on the GPU by the estimate (issue 21: conv reserved)
+    workspaces)  # cuDNN's workspaces measured on the GPU by the estimate (issue 21: conv and LSTM reserved)
       step gpu_tests 150 python3 -m pytest -q tests/gpu
-      step conv_workspaces 200 python3 bench/bench_memory.py --suite heldout --jobs 2 --steps 4 \
-        --only conv_bf16_adamw_mb128,conv_fp32_sgd_ac_mb64 ;;
+      step workspaces_heldout 240 python3 bench/bench_memory.py --suite heldout --jobs 4 --steps 4 \
+        --only conv_bf16_adamw_mb128,conv_fp32_sgd_ac_mb64,conv_bf16_compile_mb128,lstm_bf16_mb32,lstm_fp32_ac_mb32
+      step workspaces_heldout2 150 python3 bench/bench_memory.py --suite heldout2 --jobs 2 --steps 4 \
+        --only lstm_fp32_mb32,lstm_bf16_ac_mb64 ;;
     heldout)
       step heldout 300 python3 bench/bench_memory.py --suite heldout --jobs 6 --steps 4 --out "$out/heldout.jsonl" ;;
     heldout2)

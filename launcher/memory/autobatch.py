@@ -96,6 +96,11 @@ def normalize(cfg: Config) -> None:
         train.micro_batch_size = AUTO
 
 
+def local_gpu() -> int:
+    """This rank's GPU before the process group sets it: LOCAL_RANK's (torchrun), modulo the GPUs."""
+    return int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+
+
 def device_bytes_here(cfg: Config) -> tuple[int, str] | None:
     """What `auto` sizes for on this machine: this rank's GPU (total less the CUDA context), capped by
     memory.limit_gib; None without a GPU (and without the test hook)."""
@@ -107,8 +112,7 @@ def device_bytes_here(cfg: Config) -> tuple[int, str] | None:
         from launcher.memory.allocator import configure_allocator  # noqa: PLC0415
 
         configure_allocator(cfg.memory)  # before CUDA initialises: the allocator reads it once
-        index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
-        props = torch.cuda.get_device_properties(index)
+        props = torch.cuda.get_device_properties(local_gpu())
         total, name = props.total_memory - CUDA_CONTEXT_BYTES, props.name
     else:
         return None
@@ -157,7 +161,8 @@ def resolve_batch(
     best: Candidate | None = None
     from launcher.memory.gpu_workspaces import measured_here  # noqa: PLC0415 - only when something is auto
 
-    with measured_here():  # convolutions' workspaces from this GPU, if there is one
+    # cuDNN's workspaces from this rank's GPU, if there is one (before the process group starts)
+    with measured_here(local_gpu() if torch.cuda.is_available() else None):
         for ac in checkpointing:
             fitting = _largest_fitting(cfg, recipe_class, world_size, available, sizes, accum_of, ac, tried)
             if fitting is None:

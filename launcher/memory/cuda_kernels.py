@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from launcher.memory.gpu_workspaces import measured_workspace
+from launcher.memory.gpu_workspaces import LstmShape, measured_lstm_workspaces, measured_workspace
 
 aten = torch.ops.aten
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -154,7 +154,7 @@ def _nbytes(t: object) -> int:
 
 def _lstm(input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first):  # noqa: ANN001
     """`torch._VF.lstm` as cuDNN runs it (same outputs; what it keeps and takes while it runs)."""
-    geometry = (num_layers, 2 if bidirectional else 1, hx[0].shape[-1], batch_first)
+    geometry = (num_layers, 2 if bidirectional else 1, hx[0].shape[-1], batch_first, has_biases)
     out, h, c = _CudnnLSTM.apply(geometry, _compute_dtype(input), input, hx[0], hx[1], *weights)
     return out, h, c
 
@@ -162,7 +162,7 @@ def _lstm(input, hx, weights, has_biases, num_layers, dropout, train, bidirectio
 class _CudnnLSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, geometry, dtype, input, h0, c0, *weights):  # noqa: ANN001
-        layers, directions, hidden, batch_first = geometry
+        layers, directions, hidden, batch_first, has_biases = geometry
         batch, steps = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
         x = input.to(dtype)
         # Under autocast cuDNN runs on one flat low-precision copy of the weights (kept for backward).
@@ -171,6 +171,12 @@ class _CudnnLSTM(torch.autograd.Function):
         )
         elements = batch * steps * hidden * layers * directions
         per_layer = batch * steps * hidden * directions
+        shape = LstmShape(
+            input.shape[-1], hidden, layers, directions, batch, steps, batch_first, has_biases, dtype
+        )
+        measured = measured_lstm_workspaces(shape)  # on this machine's GPU, if it has one
+        nominal = per_layer * LSTM_WORKSPACE_BYTES[dtype]
+        forward_workspace, ctx.backward_workspace = measured or (nominal, nominal)
         # In aten's _cudnn_rnn order: the outputs, then the workspace, then the reserve; the workspace
         # is freed when the kernel returns, so all of them are alive together while it runs.
         out_shape = (
@@ -179,11 +185,11 @@ class _CudnnLSTM(torch.autograd.Function):
         out = torch.empty(out_shape, dtype=dtype)
         h = torch.empty((layers * directions, batch, hidden), dtype=dtype)
         c = torch.empty((layers * directions, batch, hidden), dtype=dtype)
-        workspace = torch.empty(per_layer * LSTM_WORKSPACE_BYTES[dtype], dtype=torch.uint8)
+        workspace = torch.empty(forward_workspace, dtype=torch.uint8)
         reserve = torch.empty(LSTM_RESERVE_PER_ELEMENT * elements * x.element_size(), dtype=torch.uint8)
         del workspace
         ctx.save_for_backward(x, h0, c0, out, reserve, *([flat] if flat is not None else []))
-        ctx.geometry, ctx.shapes = geometry, [(w.shape, w.dtype) for w in weights]
+        ctx.shapes = [(w.shape, w.dtype) for w in weights]
         ctx.input_dtype = input.dtype
         return out, h, c
 
@@ -191,9 +197,7 @@ class _CudnnLSTM(torch.autograd.Function):
     def backward(ctx, grad_out, grad_h, grad_c):  # noqa: ANN001
         saved = ctx.saved_tensors  # reserve and output stay alive while backward runs
         x, h0, c0 = saved[:3]
-        _, directions, hidden, _ = ctx.geometry
-        per_layer = x.shape[0] * x.shape[1] * hidden * directions
-        workspace_bytes = per_layer * LSTM_WORKSPACE_BYTES[x.dtype]  # smaller than forward's: a bound
+        workspace_bytes = ctx.backward_workspace  # nominal: forward's, a bound (backward's is smaller)
         # aten's order: the input gradients, a workspace while that kernel runs; then the weights'
         # gradients (one flat buffer) and a workspace again while theirs runs.
         grad_x, grad_h, grad_c = torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0)

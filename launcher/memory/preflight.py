@@ -81,7 +81,7 @@ def preflight(cfg: Config, recipe_class: type, session, limit: int | None) -> Ve
         free, _total = torch.cuda.mem_get_info(session.device)
         available, name = (min(free, limit) if limit else free), torch.cuda.get_device_name(session.device)
     try:
-        with measured_here():  # before the model is built: convolutions' workspaces from this GPU
+        with measured_here(session.device if session.device.type == "cuda" else None):  # cuDNN's, here
             verdict = check_fits(cfg, recipe_class, session.world_size, available, name)
     except Exception as err:  # noqa: BLE001 - an estimate that fails must not stop a run that may fit
         log.warning(

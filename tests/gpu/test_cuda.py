@@ -93,3 +93,24 @@ def test_measured_convolution_workspace_is_what_the_allocator_gives_it():
     torch.cuda.synchronize()
     peak = torch.cuda.memory_stats()["requested_bytes.all.peak"]
     assert peak - before == out.untyped_storage().nbytes() + workspace
+
+
+def test_measured_lstm_workspace_is_what_a_real_lstm_takes():
+    """gpu_workspaces measures cuDNN's LSTM forward workspace; a real nn.LSTM's forward peaks at what
+    it keeps (output, states, reserve) plus exactly that."""
+    from launcher.memory.gpu_workspaces import GpuWorkspaces, LstmShape
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    batch, steps, width, hidden, layers = 16, 64, 256, 512, 2
+    shape = LstmShape(width, hidden, layers, 1, batch, steps, True, True, torch.float32)
+    measured = GpuWorkspaces(device).lstm(shape)
+    assert measured is not None and measured[0] > 0 and measured[1] > 0
+    lstm = torch.nn.LSTM(width, hidden, num_layers=layers, batch_first=True).to(device)
+    x = torch.randn(batch, steps, width, device=device, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    out, _ = lstm(x)
+    torch.cuda.synchronize()
+    stats = torch.cuda.memory_stats()
+    # The workspace is freed when the kernel returns: the peak is what stays plus the workspace.
+    assert stats["requested_bytes.all.peak"] - stats["requested_bytes.all.current"] == measured[0]

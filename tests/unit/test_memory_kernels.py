@@ -4,6 +4,7 @@ from the shapes, then checks the trace: no number copied from a GPU."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +16,7 @@ from launcher.memory.cuda_kernels import (
     CudaKernels,
     attention_backend,
 )
+from launcher.memory.gpu_workspaces import LstmShape
 from launcher.memory.step_trace import fake_mode, materialize
 from launcher.memory.trace import LiveBytes, allocated_bytes
 from recipes.gpt import Block, GPTModelConfig
@@ -89,11 +91,34 @@ def test_convolution_workspace_counts_at_its_moment():
     assert tracker.peak == live + allocated_bytes(inp + out)
 
 
-def test_lstm_keeps_cudnn_reserve_and_takes_its_workspace():
+MEASURED_LSTM = pytest.mark.parametrize(
+    "measured", [None, (3 * 2**19 + 300, 2**20 + 700)], ids=["nominal", "measured_on_gpu"]
+)
+
+
+def _measure_lstm_as(monkeypatch, measured, expected_shape):
+    """Beside a GPU, gpu_workspaces measures cuDNN's LSTM workspaces; here, `measured` stands in."""
+    from launcher.memory import gpu_workspaces
+
+    class Measured(gpu_workspaces.GpuWorkspaces):
+        def _measure_lstm(self, shape):
+            assert shape == expected_shape
+            return measured
+
+    if measured is not None:
+        monkeypatch.setattr(gpu_workspaces, "_ACTIVE", [Measured(torch.device("cpu"))])
+
+
+@MEASURED_LSTM
+def test_lstm_keeps_cudnn_reserve_and_takes_its_workspace(monkeypatch, measured):
     """cuDNN LSTM: output, initial and final states and a reserve of 5 x batch x steps x hidden
     elements stay for backward; the workspace is momentary, taken after the outputs and alive with the
-    reserve (aten's _cudnn_rnn order), so the peak holds all of them."""
+    reserve (aten's _cudnn_rnn order), so the peak holds all of them. Its size: measured on the GPU
+    where there is one, else the probe's bytes per element."""
     hidden, steps = 32, 16
+    _measure_lstm_as(
+        monkeypatch, measured, LstmShape(hidden, hidden, 1, 1, B, steps, True, True, torch.float32)
+    )
     with fake_mode():
         lstm = materialize(_meta(lambda: nn.LSTM(hidden, hidden, batch_first=True)))
         x = torch.empty(B, steps, hidden, requires_grad=True)
@@ -103,16 +128,20 @@ def test_lstm_keeps_cudnn_reserve_and_takes_its_workspace():
     assert tracker.live["forward"] == sum(allocated_bytes(n) for n in kept)
     weights = sum(allocated_bytes(p.numel() * 4) for p in lstm.parameters())
     before = weights + allocated_bytes(elements * 4) + 2 * allocated_bytes(B * hidden * 4)  # x, h0, c0
-    workspace = allocated_bytes(elements * LSTM_WORKSPACE_BYTES[torch.float32])
+    workspace = allocated_bytes(measured[0] if measured else elements * LSTM_WORKSPACE_BYTES[torch.float32])
     returned = [elements * 4] + [B * hidden * 4] * 2  # output, final h and c
     reserve = LSTM_RESERVE_PER_ELEMENT * elements * 4
     assert tracker.peak == before + sum(allocated_bytes(n) for n in [*returned, reserve]) + workspace
 
 
-def test_lstm_backward_holds_its_gradients_with_the_workspace():
+@MEASURED_LSTM
+def test_lstm_backward_holds_its_gradients_with_the_workspace(monkeypatch, measured):
     """cuDNN LSTM backward: the input gradients, then the weights' gradients as one flat buffer, each
     while a workspace is taken; the reserve and output stay alive until it returns."""
     hidden, steps = 32, 16
+    _measure_lstm_as(
+        monkeypatch, measured, LstmShape(hidden, hidden, 1, 1, B, steps, True, True, torch.float32)
+    )
     with fake_mode():
         lstm = materialize(_meta(lambda: nn.LSTM(hidden, hidden, batch_first=True)))
         x = torch.empty(B, steps, hidden, requires_grad=True)
@@ -124,7 +153,7 @@ def test_lstm_backward_holds_its_gradients_with_the_workspace():
     elements = B * steps * hidden
     weights = sum(allocated_bytes(p.numel() * 4) for p in lstm.parameters())
     flat_grad = allocated_bytes(sum(p.numel() for p in lstm.parameters()) * 4)
-    workspace = allocated_bytes(elements * LSTM_WORKSPACE_BYTES[torch.float32])
+    workspace = allocated_bytes(measured[1] if measured else elements * LSTM_WORKSPACE_BYTES[torch.float32])
     x_bytes, state = allocated_bytes(elements * 4), allocated_bytes(B * hidden * 4)
     reserve = allocated_bytes(LSTM_RESERVE_PER_ELEMENT * elements * 4)
     # weights, x, h0, c0, the saved output and final states, the reserve; then dx, dh, dc, the flat dW
