@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     argv = [a for a in argv if a != "--json"]
     sweep, argv = _take_sweep(argv)
     try:
-        with measured_here() as workspaces:  # on a GPU node: convolutions' workspaces from its GPU
+        with measured_here() as workspaces:  # on a GPU node: cuDNN's workspaces from its GPU
             if sweep is not None:
                 return _sweep(argv, *sweep, as_json)
             job, world_size = _compose(argv)
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
             )
         if workspaces is not None and workspaces.sizes:
             logging.info(
-                "convolution workspaces: %d calls measured on %s",
+                "cuDNN workspaces: %d distinct calls measured on %s",
                 len(workspaces.sizes),
                 torch.cuda.get_device_name(workspaces.device),
             )
