@@ -86,6 +86,9 @@ launcher_fsdp_compiled,launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu4,l
       step hooks_trace 90 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --profile-hooks 3 --hooks ddp_no_hook,powersgd_r4_ours
       unset HOOK_TRACE_DIR ;;
+    hooks_thread)  # the hooks on a worker thread: is the cost host time on backward's launching thread?
+      step hooks_thread 180 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
+        --hooks ddp_no_hook,fp16,fp16_thread,powersgd_r4_ours,powersgd_r4_ours_thread ;;
     hooks_buckets)  # PowerSGD with 100 MB buckets (4x fewer orthonormalisations) against 25 MB
       step hooks_buckets 120 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
         --hooks ddp_no_hook,ddp_no_hook_b100,powersgd_r4_ours,powersgd_r4_ours_b100,fp16 ;;
