@@ -55,9 +55,9 @@ class GpuWorkspaces:
     @property
     def device(self) -> torch.device:
         """The GPU measured on (asking starts CUDA there)."""
-        if not isinstance(self._device, torch.device) or self._device.index is None:
+        if not isinstance(self._device, torch.device):
             index = torch.cuda.current_device() if self._device is None else self._device
-            self._device = torch.device("cuda", index if isinstance(index, int) else index.index or 0)
+            self._device = torch.device("cuda", index)
         return self._device
 
     def __call__(self, func: Any, args: tuple) -> int | None:
