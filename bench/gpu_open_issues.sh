@@ -119,6 +119,14 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
         --only conv_bf16_adamw_mb128,conv_fp32_sgd_ac_mb64,conv_bf16_compile_mb128,lstm_bf16_mb32,lstm_fp32_ac_mb32
       step workspaces_heldout2 150 python3 bench/bench_memory.py --suite heldout2 --jobs 2 --steps 4 \
         --only lstm_fp32_mb32,lstm_bf16_ac_mb64 ;;
+    confirm)  # one short call: compiled FSDP against DDP (two rounds) and the measured cuDNN workspaces
+      step fsdp_forward2 250 python3 bench/bench_speed.py --steps 60 --repeat 2 \
+        --cases launcher_compiled,launcher_fsdp_compiled
+      step gpu_ws_tests 60 python3 -m pytest -q tests/gpu -k workspace
+      step ws_heldout 150 python3 bench/bench_memory.py --suite heldout --jobs 4 --steps 4 \
+        --only conv_fp32_sgd_ac_mb64,conv_bf16_adamw_mb128,lstm_bf16_mb32,lstm_fp32_ac_mb32
+      step ws_heldout2 100 python3 bench/bench_memory.py --suite heldout2 --jobs 2 --steps 4 \
+        --only lstm_bf16_ac_mb64,lstm_fp32_mb32 ;;
     heldout)
       step heldout 300 python3 bench/bench_memory.py --suite heldout --jobs 6 --steps 4 --out "$out/heldout.jsonl" ;;
     heldout2)
