@@ -296,42 +296,6 @@ def check_grads_match_plain(ddp, optimizer, x, y, name: str) -> None:
     print(f"{name}: hooked grads vs plain, largest relative norm difference {worst:.2e}", file=sys.stderr)
 
 
-class HookOnAThread:
-    """Bench-only: a comm hook run on a worker thread; the autograd thread only queues the bucket.
-
-    Asks whether a hook's cost is host time on the thread that launches backward (the PowerSGD
-    timeline showed gaps in backward's stream while that thread was inside the hook). The bucket's
-    gradients are ready at an event recorded on the caller's stream; the worker's stream waits on it,
-    runs the hook there and completes DDP's future from it (DDP's wait orders its stream after)."""
-
-    def __init__(self, hook) -> None:  # noqa: ANN001
-        import queue
-        import threading
-
-        self.hook = hook
-        self.__name__ = self.__qualname__ = f"{hook.__name__}_on_a_thread"  # DDP reads both
-        self.stream = torch.cuda.Stream()
-        self.buckets: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._work, daemon=True).start()
-
-    def __call__(self, state, bucket):  # noqa: ANN001, ANN204 - DDP rejects an annotation it cannot compare
-        ready = torch.cuda.Event()
-        ready.record()
-        done = torch.futures.Future(devices=[torch.device("cuda", torch.cuda.current_device())])
-        self.buckets.put((state, bucket, ready, done))
-        return done
-
-    def _work(self) -> None:
-        while True:
-            state, bucket, ready, done = self.buckets.get()
-            try:
-                with torch.cuda.stream(self.stream):
-                    self.stream.wait_event(ready)
-                    done.set_result(self.hook(state, bucket).wait())
-            except Exception as err:  # noqa: BLE001 - DDP's wait raises it on the caller's thread
-                done.set_exception(err)
-
-
 def profile_hook(name: str, step, steps: int) -> None:
     """Kernels per step and GPU time per step by kernel (stderr): where a hook's cost goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -395,9 +359,6 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
             ),
         )
 
-    def on_a_thread(made):  # noqa: ANN001, ANN202
-        return HookOnAThread(made.hook), made.state
-
     hooks = {
         "ddp_no_hook": None,
         "fp16": lambda: build_comm_hook(FP16CommHookConfig(), None, False),
@@ -413,9 +374,6 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
         # fewer, larger buckets: each bucket orthonormalises its P and Q once (~0.34 ms of small kernels)
         "ddp_no_hook_b100": None,
         "powersgd_r4_ours_b100": lambda: build_comm_hook(PowerSGDConfig(**psgd), None, False),
-        # the hook on a worker thread: backward's launching thread only queues the bucket
-        "powersgd_r4_ours_thread": lambda: on_a_thread(build_comm_hook(PowerSGDConfig(**psgd), None, False)),
-        "fp16_thread": lambda: on_a_thread(build_comm_hook(FP16CommHookConfig(), None, False)),
         "powersgd_r1_ours": ours(1),
         "powersgd_r8_ours": ours(8),
     }

@@ -86,9 +86,6 @@ launcher_fsdp_compiled,launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu4,l
       step hooks_trace 90 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --profile-hooks 3 --hooks ddp_no_hook,powersgd_r4_ours
       unset HOOK_TRACE_DIR ;;
-    hooks_thread)  # the hooks on a worker thread: is the cost host time on backward's launching thread?
-      step hooks_thread 180 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
-        --hooks ddp_no_hook,fp16,fp16_thread,powersgd_r4_ours,powersgd_r4_ours_thread ;;
     hooks_buckets)  # PowerSGD with 100 MB buckets (4x fewer orthonormalisations) against 25 MB
       step hooks_buckets 120 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
         --hooks ddp_no_hook,ddp_no_hook_b100,powersgd_r4_ours,powersgd_r4_ours_b100,fp16 ;;
@@ -113,19 +110,12 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
       step serve "${SERVE_S:-110}" python3 bench/bench_serve.py --quick ;;
     observe)
       step observe "${OBSERVE_S:-110}" python3 bench/bench_observe.py --quick --out "$out/observe.json" ;;
-    workspaces)  # cuDNN's workspaces measured on the GPU by the estimate (issue 21: conv and LSTM reserved)
-      step gpu_tests 150 python3 -m pytest -q tests/gpu
-      step workspaces_heldout 240 python3 bench/bench_memory.py --suite heldout --jobs 4 --steps 4 \
-        --only conv_bf16_adamw_mb128,conv_fp32_sgd_ac_mb64,conv_bf16_compile_mb128,lstm_bf16_mb32,lstm_fp32_ac_mb32
-      step workspaces_heldout2 150 python3 bench/bench_memory.py --suite heldout2 --jobs 2 --steps 4 \
-        --only lstm_fp32_mb32,lstm_bf16_ac_mb64 ;;
-    confirm)  # one short call: compiled FSDP against DDP (two rounds) and the measured cuDNN workspaces
+    confirm)  # one short call (~4.5 min): compiled FSDP against DDP (two rounds), the conv and LSTM held-out cases
       step fsdp_forward2 250 python3 bench/bench_speed.py --steps 60 --repeat 2 \
         --cases launcher_compiled,launcher_fsdp_compiled
-      step gpu_ws_tests 60 python3 -m pytest -q tests/gpu -k workspace
-      step ws_heldout 150 python3 bench/bench_memory.py --suite heldout --jobs 4 --steps 4 \
+      step conv_lstm_heldout 150 python3 bench/bench_memory.py --suite heldout --jobs 4 --steps 4 \
         --only conv_fp32_sgd_ac_mb64,conv_bf16_adamw_mb128,lstm_bf16_mb32,lstm_fp32_ac_mb32
-      step ws_heldout2 100 python3 bench/bench_memory.py --suite heldout2 --jobs 2 --steps 4 \
+      step lstm_heldout2 100 python3 bench/bench_memory.py --suite heldout2 --jobs 2 --steps 4 \
         --only lstm_bf16_ac_mb64,lstm_fp32_mb32 ;;
     heldout)
       step heldout 300 python3 bench/bench_memory.py --suite heldout --jobs 6 --steps 4 --out "$out/heldout.jsonl" ;;

@@ -96,11 +96,6 @@ def normalize(cfg: Config) -> None:
         train.micro_batch_size = AUTO
 
 
-def local_gpu() -> int:
-    """This rank's GPU before the process group sets it: LOCAL_RANK's (torchrun), modulo the GPUs."""
-    return int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
-
-
 def device_bytes_here(cfg: Config) -> tuple[int, str] | None:
     """What `auto` sizes for on this machine: this rank's GPU (total less the CUDA context), capped by
     memory.limit_gib; None without a GPU (and without the test hook)."""
@@ -112,7 +107,8 @@ def device_bytes_here(cfg: Config) -> tuple[int, str] | None:
         from launcher.memory.allocator import configure_allocator  # noqa: PLC0415
 
         configure_allocator(cfg.memory)  # before CUDA initialises: the allocator reads it once
-        props = torch.cuda.get_device_properties(local_gpu())
+        index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        props = torch.cuda.get_device_properties(index)
         total, name = props.total_memory - CUDA_CONTEXT_BYTES, props.name
     else:
         return None
@@ -159,19 +155,15 @@ def resolve_batch(
     flops = _flops_per_sample(cfg, recipe_class)
     tried: list[Candidate] = []
     best: Candidate | None = None
-    from launcher.memory.gpu_workspaces import measured_here  # noqa: PLC0415 - only when something is auto
-
-    # cuDNN's workspaces from this rank's GPU, if there is one (before the process group starts)
-    with measured_here(local_gpu() if torch.cuda.is_available() else None):
-        for ac in checkpointing:
-            fitting = _largest_fitting(cfg, recipe_class, world_size, available, sizes, accum_of, ac, tried)
-            if fitting is None:
-                continue
-            train_flops, recompute_flops = flops
-            mb = fitting.micro_batch_size
-            fitting.score = mb / (mb * (train_flops + (recompute_flops if ac else 0.0)) + OVERHEAD_FLOPS)
-            if best is None or fitting.score > best.score:
-                best = fitting
+    for ac in checkpointing:
+        fitting = _largest_fitting(cfg, recipe_class, world_size, available, sizes, accum_of, ac, tried)
+        if fitting is None:
+            continue
+        train_flops, recompute_flops = flops
+        mb = fitting.micro_batch_size
+        fitting.score = mb / (mb * (train_flops + (recompute_flops if ac else 0.0)) + OVERHEAD_FLOPS)
+        if best is None or fitting.score > best.score:
+            best = fitting
     what = "train.micro_batch_size" if is_auto(train.micro_batch_size) else "train.activation_checkpointing"
     if best is None:
         smallest = min(tried, key=lambda c: c.needed)

@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from launcher.memory.gpu_workspaces import LstmShape, measured_lstm_workspaces, measured_workspace
-
 aten = torch.ops.aten
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 LSTM_RESERVE_PER_ELEMENT = 5
@@ -120,15 +118,11 @@ def _dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace
 def workspace_bytes(func, args, out) -> int:  # noqa: ANN001
     """Bytes a CUDA kernel takes from the caching allocator while it runs, beyond its outputs.
 
-    A convolution's is measured on the GPU where there is one (gpu_workspaces.measured_here);
-    elsewhere, from the probe (H100): a convolution's forward and backward take about its input plus
-    its output (e.g. 128 MiB for 64 MiB in and out; cuDNN's chosen algorithm, not cudnn.benchmark);
-    cuDNN attention's backward three query-sized buffers plus an fp32 (batch, heads, seq);
-    memory-efficient attention's backward two (flash attention's fp32 dq accumulator is the same size).
+    Probe (H100): a convolution's forward and backward take about its input plus its output (e.g. 128
+    MiB for 64 MiB in and out; cuDNN's chosen algorithm, not cudnn.benchmark); cuDNN attention's
+    backward three query-sized buffers plus an fp32 (batch, heads, seq); memory-efficient attention's
+    backward two (flash attention's fp32 dq accumulator is the same size).
     """
-    measured = measured_workspace(func, args)
-    if measured is not None:  # on this machine's GPU (gpu_workspaces.py)
-        return measured
     if func is aten.convolution.default:
         return _nbytes(args[0]) + _nbytes(out)
     if func is aten.convolution_backward.default:
@@ -154,7 +148,7 @@ def _nbytes(t: object) -> int:
 
 def _lstm(input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first):  # noqa: ANN001
     """`torch._VF.lstm` as cuDNN runs it (same outputs; what it keeps and takes while it runs)."""
-    geometry = (num_layers, 2 if bidirectional else 1, hx[0].shape[-1], batch_first, has_biases)
+    geometry = (num_layers, 2 if bidirectional else 1, hx[0].shape[-1], batch_first)
     out, h, c = _CudnnLSTM.apply(geometry, _compute_dtype(input), input, hx[0], hx[1], *weights)
     return out, h, c
 
@@ -162,7 +156,7 @@ def _lstm(input, hx, weights, has_biases, num_layers, dropout, train, bidirectio
 class _CudnnLSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, geometry, dtype, input, h0, c0, *weights):  # noqa: ANN001
-        layers, directions, hidden, batch_first, has_biases = geometry
+        layers, directions, hidden, batch_first = geometry
         batch, steps = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
         x = input.to(dtype)
         # Under autocast cuDNN runs on one flat low-precision copy of the weights (kept for backward).
@@ -171,12 +165,6 @@ class _CudnnLSTM(torch.autograd.Function):
         )
         elements = batch * steps * hidden * layers * directions
         per_layer = batch * steps * hidden * directions
-        shape = LstmShape(
-            input.shape[-1], hidden, layers, directions, batch, steps, batch_first, has_biases, dtype
-        )
-        measured = measured_lstm_workspaces(shape)  # on this machine's GPU, if it has one
-        nominal = per_layer * LSTM_WORKSPACE_BYTES[dtype]
-        forward_workspace, ctx.backward_workspace = measured or (nominal, nominal)
         # In aten's _cudnn_rnn order: the outputs, then the workspace, then the reserve; the workspace
         # is freed when the kernel returns, so all of them are alive together while it runs.
         out_shape = (
@@ -185,11 +173,11 @@ class _CudnnLSTM(torch.autograd.Function):
         out = torch.empty(out_shape, dtype=dtype)
         h = torch.empty((layers * directions, batch, hidden), dtype=dtype)
         c = torch.empty((layers * directions, batch, hidden), dtype=dtype)
-        workspace = torch.empty(forward_workspace, dtype=torch.uint8)
+        workspace = torch.empty(per_layer * LSTM_WORKSPACE_BYTES[dtype], dtype=torch.uint8)
         reserve = torch.empty(LSTM_RESERVE_PER_ELEMENT * elements * x.element_size(), dtype=torch.uint8)
         del workspace
         ctx.save_for_backward(x, h0, c0, out, reserve, *([flat] if flat is not None else []))
-        ctx.shapes = [(w.shape, w.dtype) for w in weights]
+        ctx.geometry, ctx.shapes = geometry, [(w.shape, w.dtype) for w in weights]
         ctx.input_dtype = input.dtype
         return out, h, c
 
@@ -197,7 +185,9 @@ class _CudnnLSTM(torch.autograd.Function):
     def backward(ctx, grad_out, grad_h, grad_c):  # noqa: ANN001
         saved = ctx.saved_tensors  # reserve and output stay alive while backward runs
         x, h0, c0 = saved[:3]
-        workspace_bytes = ctx.backward_workspace  # nominal: forward's, a bound (backward's is smaller)
+        _, directions, hidden, _ = ctx.geometry
+        per_layer = x.shape[0] * x.shape[1] * hidden * directions
+        workspace_bytes = per_layer * LSTM_WORKSPACE_BYTES[x.dtype]  # smaller than forward's: a bound
         # aten's order: the input gradients, a workspace while that kernel runs; then the weights'
         # gradients (one flat buffer) and a workspace again while theirs runs.
         grad_x, grad_h, grad_c = torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0)

@@ -26,12 +26,9 @@ def estimate_device(cfg) -> tuple[int, str]:
 
 
 def main(argv: list[str]) -> int:
-    import torch
-
     from launcher.errors import ConfigError
     from launcher.memory.estimate import estimate
     from launcher.memory.fixes import rank_fixes
-    from launcher.memory.gpu_workspaces import measured_here
     from launcher.memory.table import render
 
     # What `auto` settings chose (compile, micro-batch) is logged while composing: show it.
@@ -40,23 +37,14 @@ def main(argv: list[str]) -> int:
     argv = [a for a in argv if a != "--json"]
     sweep, argv = _take_sweep(argv)
     try:
-        with measured_here() as workspaces:  # on a GPU node: cuDNN's workspaces from its GPU
-            if sweep is not None:
-                return _sweep(argv, *sweep, as_json)
-            job, world_size = _compose(argv)
-            cfg = job.cfg
-            est = estimate(cfg, job.recipe_class, world_size, cfg.estimate.gpu)
-            fixes = (
-                []
-                if est.fits
-                else rank_fixes(cfg, job.recipe_class, world_size, est, est.device_bytes, est.gpu)
-            )
-        if workspaces is not None and workspaces.sizes:
-            logging.info(
-                "cuDNN workspaces: %d distinct calls measured on %s",
-                len(workspaces.sizes),
-                torch.cuda.get_device_name(workspaces.device),
-            )
+        if sweep is not None:
+            return _sweep(argv, *sweep, as_json)
+        job, world_size = _compose(argv)
+        cfg = job.cfg
+        est = estimate(cfg, job.recipe_class, world_size, cfg.estimate.gpu)
+        fixes = (
+            [] if est.fits else rank_fixes(cfg, job.recipe_class, world_size, est, est.device_bytes, est.gpu)
+        )
     except ConfigError as err:
         print(f"launcher: invalid config: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -19,7 +19,6 @@ from launcher.config.schema import Config, Preflight
 from launcher.errors import ConfigError
 from launcher.memory.estimate import Estimate, estimate
 from launcher.memory.fixes import Fix, rank_fixes
-from launcher.memory.gpu_workspaces import measured_here
 from launcher.memory.parts import GIB, HEADROOM, NCCL_BYTES
 from launcher.memory.table import format_fix
 
@@ -81,8 +80,7 @@ def preflight(cfg: Config, recipe_class: type, session, limit: int | None) -> Ve
         free, _total = torch.cuda.mem_get_info(session.device)
         available, name = (min(free, limit) if limit else free), torch.cuda.get_device_name(session.device)
     try:
-        with measured_here(session.device if session.device.type == "cuda" else None):  # cuDNN's, here
-            verdict = check_fits(cfg, recipe_class, session.world_size, available, name)
+        verdict = check_fits(cfg, recipe_class, session.world_size, available, name)
     except Exception as err:  # noqa: BLE001 - an estimate that fails must not stop a run that may fit
         log.warning(
             "memory pre-flight skipped: could not estimate this config (%s: %s)", type(err).__name__, err

@@ -4,7 +4,6 @@ from the shapes, then checks the trace: no number copied from a GPU."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +15,6 @@ from launcher.memory.cuda_kernels import (
     CudaKernels,
     attention_backend,
 )
-from launcher.memory.gpu_workspaces import LstmShape
 from launcher.memory.step_trace import fake_mode, materialize
 from launcher.memory.trace import LiveBytes, allocated_bytes
 from recipes.gpt import Block, GPTModelConfig
@@ -91,34 +89,11 @@ def test_convolution_workspace_counts_at_its_moment():
     assert tracker.peak == live + allocated_bytes(inp + out)
 
 
-MEASURED_LSTM = pytest.mark.parametrize(
-    "measured", [None, (3 * 2**19 + 300, 2**20 + 700)], ids=["nominal", "measured_on_gpu"]
-)
-
-
-def _measure_lstm_as(monkeypatch, measured, expected_shape):
-    """Beside a GPU, gpu_workspaces measures cuDNN's LSTM workspaces; here, `measured` stands in."""
-    from launcher.memory import gpu_workspaces
-
-    class Measured(gpu_workspaces.GpuWorkspaces):
-        def _measure_lstm(self, shape):
-            assert shape == expected_shape
-            return measured
-
-    if measured is not None:
-        monkeypatch.setattr(gpu_workspaces, "_ACTIVE", [Measured(torch.device("cpu"))])
-
-
-@MEASURED_LSTM
-def test_lstm_keeps_cudnn_reserve_and_takes_its_workspace(monkeypatch, measured):
+def test_lstm_keeps_cudnn_reserve_and_takes_its_workspace():
     """cuDNN LSTM: output, initial and final states and a reserve of 5 x batch x steps x hidden
     elements stay for backward; the workspace is momentary, taken after the outputs and alive with the
-    reserve (aten's _cudnn_rnn order), so the peak holds all of them. Its size: measured on the GPU
-    where there is one, else the probe's bytes per element."""
+    reserve (aten's _cudnn_rnn order), so the peak holds all of them."""
     hidden, steps = 32, 16
-    _measure_lstm_as(
-        monkeypatch, measured, LstmShape(hidden, hidden, 1, 1, B, steps, True, True, torch.float32)
-    )
     with fake_mode():
         lstm = materialize(_meta(lambda: nn.LSTM(hidden, hidden, batch_first=True)))
         x = torch.empty(B, steps, hidden, requires_grad=True)
@@ -128,20 +103,16 @@ def test_lstm_keeps_cudnn_reserve_and_takes_its_workspace(monkeypatch, measured)
     assert tracker.live["forward"] == sum(allocated_bytes(n) for n in kept)
     weights = sum(allocated_bytes(p.numel() * 4) for p in lstm.parameters())
     before = weights + allocated_bytes(elements * 4) + 2 * allocated_bytes(B * hidden * 4)  # x, h0, c0
-    workspace = allocated_bytes(measured[0] if measured else elements * LSTM_WORKSPACE_BYTES[torch.float32])
+    workspace = allocated_bytes(elements * LSTM_WORKSPACE_BYTES[torch.float32])
     returned = [elements * 4] + [B * hidden * 4] * 2  # output, final h and c
     reserve = LSTM_RESERVE_PER_ELEMENT * elements * 4
     assert tracker.peak == before + sum(allocated_bytes(n) for n in [*returned, reserve]) + workspace
 
 
-@MEASURED_LSTM
-def test_lstm_backward_holds_its_gradients_with_the_workspace(monkeypatch, measured):
+def test_lstm_backward_holds_its_gradients_with_the_workspace():
     """cuDNN LSTM backward: the input gradients, then the weights' gradients as one flat buffer, each
     while a workspace is taken; the reserve and output stay alive until it returns."""
     hidden, steps = 32, 16
-    _measure_lstm_as(
-        monkeypatch, measured, LstmShape(hidden, hidden, 1, 1, B, steps, True, True, torch.float32)
-    )
     with fake_mode():
         lstm = materialize(_meta(lambda: nn.LSTM(hidden, hidden, batch_first=True)))
         x = torch.empty(B, steps, hidden, requires_grad=True)
@@ -153,7 +124,7 @@ def test_lstm_backward_holds_its_gradients_with_the_workspace(monkeypatch, measu
     elements = B * steps * hidden
     weights = sum(allocated_bytes(p.numel() * 4) for p in lstm.parameters())
     flat_grad = allocated_bytes(sum(p.numel() for p in lstm.parameters()) * 4)
-    workspace = allocated_bytes(measured[1] if measured else elements * LSTM_WORKSPACE_BYTES[torch.float32])
+    workspace = allocated_bytes(elements * LSTM_WORKSPACE_BYTES[torch.float32])
     x_bytes, state = allocated_bytes(elements * 4), allocated_bytes(B * hidden * 4)
     reserve = allocated_bytes(LSTM_RESERVE_PER_ELEMENT * elements * 4)
     # weights, x, h0, c0, the saved output and final states, the reserve; then dx, dh, dc, the flat dW
@@ -230,26 +201,3 @@ def test_compiled_forward_saves_what_torch_partitioner_saves():
 def _meta(make):
     with torch.device("meta"):
         return make()
-
-
-def test_a_measured_convolution_workspace_replaces_the_nominal_one(monkeypatch):
-    """Beside a GPU the convolutions' workspaces come from running them there (gpu_workspaces.py):
-    the trace takes that size, odd tail and all, at the kernel's moment, once per distinct call."""
-    from launcher.memory import gpu_workspaces
-
-    calls = []
-
-    class Measured(gpu_workspaces.GpuWorkspaces):
-        def _measure(self, func, args):  # what the GPU would say: 1.5 MiB and a 300-byte tail
-            calls.append(func)
-            return 3 * 2**19 + 300
-
-    monkeypatch.setattr(gpu_workspaces, "_ACTIVE", [Measured(torch.device("cpu"))])
-    with fake_mode():
-        conv = materialize(_meta(lambda: nn.Conv2d(8, 16, 3, padding=1, bias=False)))
-        tracker = trace_forward(conv, torch.empty(4, 8, 32, 32))
-        trace_forward(conv, torch.empty(4, 8, 32, 32))  # the same call again: not measured again
-    weight, inp, out = 16 * 8 * 9 * 4, 4 * 8 * 32 * 32 * 4, 4 * 16 * 32 * 32 * 4
-    live = sum(allocated_bytes(n) for n in (weight, inp, out))
-    assert tracker.peak == live + allocated_bytes(3 * 2**19 + 300)
-    assert calls == [torch.ops.aten.convolution.default]
