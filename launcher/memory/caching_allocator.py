@@ -9,7 +9,8 @@ step's allocations and frees through the allocator's policy, as c10/cuda/CUDACac
 
 - sizes round up to 512 bytes; requests up to 1 MiB use the small pool, larger ones the large pool;
 - a request takes the smallest free block that holds it (best fit), split when the rest is at least
-  512 bytes (small pool) or more than 1 MiB (large pool); a freed block merges with free neighbours;
+  512 bytes (small pool, or any pool with expandable segments) or more than 1 MiB (large pool); a
+  freed block merges with free neighbours; allocated memory counts whole blocks, as torch's stats do;
 - with `expandable_segments` each pool is one segment that grows by mapping pages (2 MiB small,
   20 MiB large) at its end, reusing a free block at the end; without, a new segment is a 2 MiB one
   (small requests), 20 MiB (requests under 10 MiB), or the request rounded up to 2 MiB.
@@ -82,7 +83,7 @@ class _Pool:
         block = self.blocks[self.free_sizes[i][1:]] if i < len(self.free_sizes) else self._grow(size)
         self._remove(block)
         rest = block.size - size
-        if (rest >= MIN_BLOCK) if self.small else (rest > SMALL_SIZE):
+        if (rest >= MIN_BLOCK) if self.small or self.expandable else (rest > SMALL_SIZE):
             self._insert(_Block(block.segment, block.start + size, rest))
             block.size = size
         block.free = False
@@ -153,10 +154,11 @@ def replay(
             size = round_size(nbytes)
             small = size <= SMALL_SIZE
             before = pools[small].reserved
-            live[key] = (pools[small].allocate(size), small)
+            block = pools[small].allocate(size)
+            live[key] = (block, small)
             if growth is not None and pools[small].reserved > before:
                 growth.append((size, allocated, pools[True].reserved + pools[False].reserved))
-            allocated += size
+            allocated += block.size  # torch counts the block, with a remainder too small to split off
             peak = max(peak, allocated)
         elif key in live:
             block, small = live.pop(key)
