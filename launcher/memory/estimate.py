@@ -349,7 +349,7 @@ def _comm_hook_parts(cfg: Config, grad_shapes: list[tuple[int, ...]], bucket_cap
 
 
 def _common_parts(cfg: Config, parts: dict[str, int]) -> None:
-    parts["cuBLAS workspace"] = closed.CUBLAS_WORKSPACE_BYTES
+    parts["cuBLAS workspace"] = closed.TRAINING_CUBLAS_BYTES
 
 
 ORDER = (

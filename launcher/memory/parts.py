@@ -19,6 +19,13 @@ GIB = 2**30
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 """cuBLAS workspace per handle/stream, taken from the caching allocator (so it counts in
 max_memory_allocated); 32 MiB on Hopper in torch >= 2.3 (4 MiB + 8 x 16 KiB before Hopper)."""
+CUBLASLT_WORKSPACE_BYTES = 2**20
+"""cuBLASLt's workspace, beside the step thread's cuBLAS one (1 MiB by default)."""
+TRAINING_CUBLAS_BYTES = 2 * CUBLAS_WORKSPACE_BYTES + CUBLASLT_WORKSPACE_BYTES
+"""A training step's cuBLAS workspaces: each thread has its own handle, and backward runs on autograd's
+device thread, so the step's thread (with cuBLASLt's) and that thread each keep one. An H100's allocator
+history of a training run: 32 + 1 MiB at the first forward matmul, 32 MiB at the first backward one,
+none freed."""
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)
 """CUDA context + cuBLAS/cuDNN handles + kernels loaded lazily: outside the caching allocator, visible
 only as less free memory. ~0.5-0.7 GiB on H100/H200 with torch 2.x (CUDA_MODULE_LOADING=LAZY)."""

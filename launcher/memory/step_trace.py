@@ -22,7 +22,7 @@ from launcher.config.schema import OptimConfig
 from launcher.memory.caching_allocator import replay, training_order
 from launcher.memory.compiled import fused_loss, keep_what_compile_saves
 from launcher.memory.cuda_kernels import CudaKernels
-from launcher.memory.parts import CUBLAS_WORKSPACE_BYTES
+from launcher.memory.parts import CUBLAS_WORKSPACE_BYTES, TRAINING_CUBLAS_BYTES
 from launcher.memory.trace import WORKSPACE, LiveBytes, allocated_bytes
 from launcher.recipe import block_layout, resolve_blocks
 from launcher.train.activation_checkpointing import checkpoint_blocks
@@ -218,8 +218,14 @@ def _reserved_extra(tracker: LiveBytes, step_start: int, expandable: bool) -> in
     state = [e for e, p in zip(tracker.events[:step_start], tracker.event_phases) if p == "optimizer state"]
     step, phases = _with_early_frees(tracker, step_start)
     optimizer_at = next((i for i, p in enumerate(phases) if p == "optimizer step"), len(step))
-    cublas = [("cuBLAS workspace", CUBLAS_WORKSPACE_BYTES)]
-    allocated, reserved = replay(training_order(setup, state, cublas + step, optimizer_at + 1), expandable)
+    backward_at = next((i for i, p in enumerate(phases) if p == "backward"), optimizer_at)
+    events = training_order(setup, state, step, optimizer_at)
+    # cuBLAS's workspaces, once each: the step thread's as the first step starts, autograd's device
+    # thread's as its backward starts (parts.TRAINING_CUBLAS_BYTES)
+    events.insert(len(setup) + backward_at, ("cuBLAS workspace, backward", CUBLAS_WORKSPACE_BYTES))
+    step_thread = TRAINING_CUBLAS_BYTES - CUBLAS_WORKSPACE_BYTES
+    events.insert(len(setup), ("cuBLAS workspace", step_thread))
+    allocated, reserved = replay(events, expandable)
     return max(0, reserved - allocated)
 
 
