@@ -70,6 +70,11 @@ PY
         --only conv_fp32_sgd_ac_mb64 --snapshot conv_fp32_sgd_ac_mb64 --snapshot-dir "$out/snaps"
       step reserved_growth 120 python3 bench/reserved_growth.py conv_fp32_sgd_ac_mb64 \
         --snapshot "$out/snaps/conv_fp32_sgd_ac_mb64.pickle.gz" ;;
+    reserved_lstm)  # the checkpointed fp32 LSTM's allocator history (its reserved misses since two cuBLAS workspaces)
+      step reserved_lstm_snap 120 python3 bench/bench_memory.py --suite heldout --steps 4 \
+        --only lstm_fp32_ac_mb32 --snapshot lstm_fp32_ac_mb32 --snapshot-dir "$out/snaps"
+      step reserved_lstm_growth 120 python3 bench/reserved_growth.py lstm_fp32_ac_mb32 \
+        --snapshot "$out/snaps/lstm_fp32_ac_mb32.pickle.gz" ;;
     hooks)
       step hooks 100 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --hooks ddp_no_hook,fp16,fp16_builtin,powersgd_r4_ours ;;
