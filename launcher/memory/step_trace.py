@@ -22,7 +22,7 @@ from launcher.config.schema import OptimConfig
 from launcher.memory.caching_allocator import replay, training_order
 from launcher.memory.compiled import fused_loss, keep_what_compile_saves
 from launcher.memory.cuda_kernels import CudaKernels
-from launcher.memory.parts import CUBLAS_WORKSPACE_BYTES, TRAINING_CUBLAS_BYTES
+from launcher.memory.parts import CUBLAS_WORKSPACE_BYTES, CUBLASLT_WORKSPACE_BYTES
 from launcher.memory.trace import WORKSPACE, LiveBytes, allocated_bytes
 from launcher.recipe import block_layout, resolve_blocks
 from launcher.train.activation_checkpointing import checkpoint_blocks
@@ -211,9 +211,9 @@ def _with_early_frees(tracker: LiveBytes, step_start: int) -> tuple[list, list[s
 
 
 def _reserved_extra(tracker: LiveBytes, step_start: int, expandable: bool) -> int:
-    """Reserved less allocated when the traced step runs twice after the model (and cuBLAS's
-    workspace) is created, the optimizer state appearing in the first step's optimizer phase (as
-    torch creates it lazily)."""
+    """Reserved less allocated when the traced step runs twice after the model is created, the
+    optimizer state appearing in the first step's optimizer phase and cuBLAS's workspaces in its
+    forward and backward (as torch creates them, lazily)."""
     setup = [e for e, p in zip(tracker.events[:step_start], tracker.event_phases) if p != "optimizer state"]
     state = [e for e, p in zip(tracker.events[:step_start], tracker.event_phases) if p == "optimizer state"]
     step, phases = _with_early_frees(tracker, step_start)
@@ -223,8 +223,7 @@ def _reserved_extra(tracker: LiveBytes, step_start: int, expandable: bool) -> in
     # cuBLAS's workspaces, once each: the step thread's as the first step starts, autograd's device
     # thread's as its backward starts (parts.TRAINING_CUBLAS_BYTES)
     events.insert(len(setup) + backward_at, ("cuBLAS workspace, backward", CUBLAS_WORKSPACE_BYTES))
-    step_thread = TRAINING_CUBLAS_BYTES - CUBLAS_WORKSPACE_BYTES
-    events.insert(len(setup), ("cuBLAS workspace", step_thread))
+    events.insert(len(setup), ("cuBLAS workspace", CUBLAS_WORKSPACE_BYTES + CUBLASLT_WORKSPACE_BYTES))
     allocated, reserved = replay(events, expandable)
     return max(0, reserved - allocated)
 
