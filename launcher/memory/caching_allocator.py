@@ -11,6 +11,8 @@ step's allocations and frees through the allocator's policy, as c10/cuda/CUDACac
 - a request takes the smallest free block that holds it (best fit), split when the rest is at least
   512 bytes (small pool, or any pool with expandable segments) or more than 1 MiB (large pool); a
   freed block merges with free neighbours; allocated memory counts whole blocks, as torch's stats do;
+- with expandable segments, best fit counts the free block at a segment's end as large as the
+  unmapped range behind it, so it serves a request only when no other free block can;
 - with `expandable_segments` each pool is one segment that grows by mapping pages (2 MiB small,
   20 MiB large) at its end, reusing a free block at the end; without, a new segment is a 2 MiB one
   (small requests), 20 MiB (requests under 10 MiB), or the request rounded up to 2 MiB.
@@ -80,6 +82,8 @@ class _Pool:
 
     def allocate(self, size: int) -> _Block:
         i = bisect.bisect_left(self.free_sizes, (size, -1, -1))
+        if self.expandable and i + 1 < len(self.free_sizes) and self.free_sizes[i][1:] == self.order[-1]:
+            i += 1  # the free tail can grow into the unmapped range: best fit counts it as that large
         block = self.blocks[self.free_sizes[i][1:]] if i < len(self.free_sizes) else self._grow(size)
         self._remove(block)
         rest = block.size - size

@@ -29,7 +29,10 @@ class MemoryRecorder:
         if cfg.record_history and not self.active:
             log.warning("memory.record_history has no effect on %s: it records the CUDA allocator", device)
         if self.active:
-            torch.cuda.memory._record_memory_history(max_entries=MAX_ENTRIES)
+            # Stacks of allocations, not of frees: recording a free's stack makes cuDNN's LSTM fail
+            # ("lstm returned NULL without setting an exception", torch 2.11, H100) whenever it frees
+            # its workspace; every event is still recorded (bench/probe_history_lstm.py).
+            torch.cuda.memory._record_memory_history(context="alloc", stacks="all", max_entries=MAX_ENTRIES)
 
     def after_step(self, step: int) -> None:
         if self.active and step in self.cfg.snapshot_steps:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -73,3 +75,24 @@ def test_nccl_fsdp_matches_one_gpu_fp32_and_offloads(tmp_path):
         assert_ok(result)
     assert relative_diff(sharded.model(), single.model()) < 1e-5
     assert relative_diff(offload.model(), single.model()) < 1e-5
+
+
+def test_history_recording_survives_a_checkpointed_cudnn_lstm(tmp_path):
+    """memory.record_history on: a checkpointed cuDNN LSTM trains, and the snapshot holds its
+    allocations (recording the stacks of frees made `lstm` fail inside cuDNN on torch 2.11)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from launcher.config.schema import MemoryConfig
+    from launcher.memory.snapshot import MemoryRecorder
+
+    recorder = MemoryRecorder(MemoryConfig(record_history=True), tmp_path, 0, torch.device("cuda"))
+    try:
+        lstm = torch.nn.LSTM(256, 256, batch_first=True).cuda()
+        x = torch.randn(4, 32, 256, device="cuda", requires_grad=True)
+        checkpoint(lambda t: lstm(t)[0], x, use_reentrant=False).sum().backward()
+        path = recorder.dump()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    snapshot = pickle.loads(path.read_bytes())
+    allocs = [e for e in snapshot["device_traces"][0] if e["action"] == "alloc"]
+    assert len(allocs) > 10 and all(e["frames"] for e in allocs[:5])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import pytest
+
 from launcher.memory.caching_allocator import replay, round_size
 
 MIB = 2**20
@@ -21,14 +23,12 @@ def test_replay_reuses_freed_blocks_and_reports_each_growth():
     assert replay(events, expandable=True) == (peak, reserved)  # recording changes nothing
 
 
-def test_replay_of_a_gpu_history_reserves_what_the_gpu_did():
-    """A real CUDA allocator history (checkpointed conv net, expandable segments, one H100: cuDNN
-    workspaces with odd sizes, 21 growths) played through the model maps what the GPU mapped, to the
-    byte: where an estimate's reserved misses, the traced sequence differs, not the allocator policy."""
-    history = Path(__file__).parent / "data" / "conv_ac_allocator_history.csv.gz"
+def _gpu_history(name: str) -> tuple[list, int, int]:
+    """A recorded CUDA allocator history as replay events, with what the GPU reserved and its peak
+    allocated (max_memory_allocated)."""
     events, live, serial = [], {}, 0
-    gpu_reserved = gpu_allocated = gpu_peak = 0
-    with gzip.open(history, "rt") as lines:
+    reserved = allocated = peak = 0
+    with gzip.open(Path(__file__).parent / "data" / name, "rt") as lines:
         for line in lines:
             if line.startswith("#"):
                 continue
@@ -38,16 +38,46 @@ def test_replay_of_a_gpu_history_reserves_what_the_gpu_did():
                 serial += 1
                 live[addr] = serial
                 events.append((serial, size))
-                gpu_allocated += round_size(size)  # expandable segments: every block is split to it
-                gpu_peak = max(gpu_peak, gpu_allocated)
+                allocated += round_size(size)  # expandable segments: every block is split to it
+                peak = max(peak, allocated)
             elif action == "free_completed":
                 events.append((live.pop(addr), 0))
-                gpu_allocated -= round_size(size)
+                allocated -= round_size(size)
             elif action == "segment_map":
-                gpu_reserved += size
-    peak, reserved = replay(events, expandable=True)
-    assert reserved == gpu_reserved == 975175680  # 0.908 GiB in 21 mappings
-    assert peak == gpu_peak  # max_memory_allocated: 0.724 GiB on the GPU
+                reserved += size
+    return events, reserved, peak
+
+
+@pytest.mark.parametrize(
+    "history, gpu_reserved",
+    [
+        ("conv_ac_allocator_history.csv.gz", 975175680),  # checkpointed conv net: 0.908 GiB, 21 mappings
+        ("lstm_ac_allocator_history.csv.gz", 1501560832),  # checkpointed cuDNN LSTM: 1.398 GiB, 24
+    ],
+)
+def test_replay_of_a_gpu_history_reserves_what_the_gpu_did(history, gpu_reserved):
+    """Real CUDA allocator histories (expandable segments, one H100: cuDNN workspaces with odd sizes)
+    played through the model map what the GPU mapped, to the byte: where an estimate's reserved
+    misses, the traced sequence differs, not the allocator policy."""
+    events, reserved, peak = _gpu_history(history)
+    assert reserved == gpu_reserved
+    assert replay(events, expandable=True) == (peak, reserved)
+
+
+def test_best_fit_passes_over_the_free_tail_of_an_expandable_segment():
+    """torch counts the free block at a segment's end as large as the unmapped range it can grow
+    into, so best fit takes any other free block that holds the request first. 40 MiB freed at the
+    start, 30 MiB in use, 10 MiB free at the end (80 mapped): 8 MiB goes into the 40, not the 10;
+    then 35 MiB fits nowhere (32 + 10 free) and the tail grows by 40 MiB. Plain best fit would put
+    the 8 MiB in the tail and the 35 in the 40 without mapping more."""
+    events = [("a", 40 * MIB), ("b", 30 * MIB), ("a", 0), ("c", 8 * MIB), ("d", 35 * MIB)]
+    growth: list = []
+    assert replay(events, expandable=True, growth=growth) == (73 * MIB, 120 * MIB)
+    assert growth == [
+        (40 * MIB, 0, 40 * MIB),
+        (30 * MIB, 40 * MIB, 80 * MIB),
+        (35 * MIB, 38 * MIB, 120 * MIB),
+    ]
 
 
 def test_expandable_segments_split_large_blocks_down_to_512_bytes():
