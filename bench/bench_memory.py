@@ -150,8 +150,35 @@ HELDOUT_2 = {
         "train.micro_batch_size=64",
     ],
 }
-SUITES = {"calibration": CASES, "heldout": HELDOUT, "heldout2": HELDOUT_2}
-COMPILE_CASES = {n for n, o in {**CASES, **HELDOUT, **HELDOUT_2}.items() if "train.compile=true" in o}
+# The last row (within 0.3% when it was filed, before the estimator's rewrite): measured again.
+HELDOUT_3 = {
+    "gpt_v128k_fp16_mb8": [
+        *BASE,
+        "recipe.model.vocab_size=128256",
+        "precision=fp16",
+        "train.micro_batch_size=8",
+    ],
+    "gpt_bias_mlp8_accum2_mb8": [
+        *BASE,
+        "recipe.model.bias=true",
+        "recipe.model.mlp_ratio=8",
+        "train.grad_accum_steps=2",
+        "train.micro_batch_size=8",
+    ],
+    "gpt_d2048_ac_fp32_sgd_mb4": [
+        *BASE,
+        "recipe.model.d_model=2048",
+        "recipe.model.n_heads=16",
+        "train.activation_checkpointing=true",
+        "precision=fp32",
+        "optim=sgd",
+        "train.micro_batch_size=4",
+    ],
+    "gpt_compile_mb24": [*BASE, "train.compile=true", "train.micro_batch_size=24"],
+}
+SUITES = {"calibration": CASES, "heldout": HELDOUT, "heldout2": HELDOUT_2, "heldout3": HELDOUT_3}
+ALL_CASES = {name: overrides for suite in SUITES.values() for name, overrides in suite.items()}
+COMPILE_CASES = {n for n, o in ALL_CASES.items() if "train.compile=true" in o}
 EXTRAS = ("refuse", "leak", "fragmentation")
 # Less text to read at start-up: the data does not change memory.
 FAST = [

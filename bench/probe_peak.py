@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_memory import CASES, HELDOUT, HELDOUT_2  # noqa: E402
+from bench.bench_memory import ALL_CASES  # noqa: E402
 from launcher.config import cli  # noqa: E402
 from launcher.parallel.with_loss import WithLoss  # noqa: E402
 from launcher.recipe import block_layout, resolve_blocks  # noqa: E402
@@ -54,7 +54,7 @@ def peak_live(snapshot: dict) -> tuple[int, list[tuple[int, list[dict]]]]:
 
 
 def run(name: str, stacks: bool = True) -> None:
-    overrides = {**CASES, **HELDOUT, **HELDOUT_2}[name]
+    overrides = ALL_CASES[name]
     request = cli.parse_argv(list(overrides))
     cli.register_all(request.overrides)
     job = cli.compose_jobs(request, 1, cuda=True)[0]

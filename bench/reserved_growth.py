@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_memory import CASES, HELDOUT, HELDOUT_2  # noqa: E402
+from bench.bench_memory import ALL_CASES  # noqa: E402
 from launcher.config import cli  # noqa: E402
 from launcher.memory import step_trace  # noqa: E402
 from launcher.memory.estimate import estimate  # noqa: E402
@@ -39,7 +39,7 @@ def replay_growth(name: str, expandable: bool) -> list[tuple[float, float, float
     original = step_trace.replay
     step_trace.replay = capture
     try:
-        request = cli.parse_argv(list({**CASES, **HELDOUT, **HELDOUT_2}[name]))
+        request = cli.parse_argv(list(ALL_CASES[name]))
         cli.register_all(request.overrides)
         job = cli.compose_jobs(request, 1, cuda=True)[0]
         estimate(job.cfg, job.recipe_class, 1, "H100")
