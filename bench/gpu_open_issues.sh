@@ -128,6 +128,9 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
       step heldout2 120 python3 bench/bench_memory.py --suite heldout2 --jobs 6 --steps 4 --out "$out/heldout2.jsonl" ;;
     heldout3)  # the last row (vocab 128256, bias + mlp_ratio 8 + accumulation, d 2048 fp32 AC SGD, compile mb 24)
       step heldout3 150 python3 bench/bench_memory.py --suite heldout3 --jobs 4 --steps 4 --out "$out/heldout3.jsonl" ;;
+    rnn)  # GRU and tanh RNN: cuDNN's per-op memory (probe) and whole runs against the current estimate
+      step rnn_probe 120 python3 bench/probe_memory.py rnn
+      step rnn_cells 120 python3 bench/bench_memory.py --suite rnn --jobs 3 --steps 4 --out "$out/rnn.jsonl" ;;
     peaks)
       step peaks 150 python3 bench/probe_peak.py lstm_fp32_ac_mb32 lstm_bf16_ac_mb64 conv_fp32_sgd_ac_mb64 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;

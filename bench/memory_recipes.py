@@ -117,14 +117,23 @@ class LSTMConfig:
     hidden: int = 1024
     n_layers: int = 4
     samples: int = 4096
+    cell: str = "lstm"
+    """lstm, gru or rnn_tanh: the recurrent module of every block."""
+
+
+CELLS = {
+    "lstm": lambda h: nn.LSTM(h, h, batch_first=True),
+    "gru": lambda h: nn.GRU(h, h, batch_first=True),
+    "rnn_tanh": lambda h: nn.RNN(h, h, batch_first=True),
+}
 
 
 class LSTMLayer(nn.Module):
-    """One LSTM layer as a block (the unit of activation checkpointing)."""
+    """One recurrent layer (an LSTM unless `cell` says) as a block (the unit of activation checkpointing)."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, cell: str = "lstm") -> None:
         super().__init__()
-        self.lstm = nn.LSTM(hidden, hidden, batch_first=True)
+        self.lstm = CELLS[cell](hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.lstm(x)[0]
@@ -134,7 +143,7 @@ class LSTMModel(nn.Module):
     def __init__(self, cfg: LSTMConfig) -> None:
         super().__init__()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.blocks = nn.ModuleList(LSTMLayer(cfg.hidden) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(LSTMLayer(cfg.hidden, cfg.cell) for _ in range(cfg.n_layers))
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """What each CUDA op allocates, for comparing with the estimator's fake-tensor trace on the CPU.
 
     python3 bench/probe_memory.py > probe_memory.txt
+    python3 bench/probe_memory.py rnn      # GRU, tanh RNN and LSTM variants only
 
 For a few layers of the held-out recipes (bench/memory_recipes.py) and attention variants, one
 forward and backward on the GPU under a dispatch mode that records, per op: its outputs (shape,
@@ -63,11 +64,44 @@ def probe(title: str, module: nn.Module, x: torch.Tensor, amp: torch.dtype | Non
     del y
 
 
+class RNNBlock(nn.Module):
+    """A cuDNN recurrent module as a block, its output summed back (the shape of LSTMLayer)."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+def probe_rnns(dev: torch.device) -> None:
+    """GRU, tanh RNN and LSTM variants (bidirectional, 2 layers, proj_size): cuDNN's reserve and
+    workspaces per mode, at sizes that separate batch, steps and hidden."""
+    kinds = {
+        "gru": lambda h: nn.GRU(h, h, batch_first=True),
+        "rnn_tanh": lambda h: nn.RNN(h, h, batch_first=True),
+        "lstm_bidir": lambda h: nn.LSTM(h, h, batch_first=True, bidirectional=True),
+        "lstm_2layers": lambda h: nn.LSTM(h, h, num_layers=2, batch_first=True),
+        "lstm_proj": lambda h: nn.LSTM(h, h, batch_first=True, proj_size=h // 2),
+    }
+    for name, make in kinds.items():
+        for amp in (torch.bfloat16, None):
+            for b, t, h in ((32, 256, 1024), (16, 256, 1024), (32, 256, 512)):
+                block = RNNBlock(make(h)).to(dev)
+                x = torch.randn(b, t, h, device=dev, requires_grad=True)
+                probe(f"{name} b {b} t {t} h {h} {amp}", block, x, amp)
+                del block, x
+
+
 def main() -> None:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "cudnn", torch.backends.cudnn.version())
     print("cudnn.benchmark", torch.backends.cudnn.benchmark)
+    if sys.argv[1:] == ["rnn"]:
+        probe_rnns(dev)
+        return
     conv = ConvNetRecipe(ConvNetConfig()).build_model().to(dev)
     for amp, mb in ((torch.bfloat16, 128), (None, 64)):
         x = torch.randn(mb, 3, 64, 64, device=dev, requires_grad=True)
