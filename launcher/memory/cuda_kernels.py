@@ -7,8 +7,9 @@ CPU and CUDA kernels return the same tensors, but not for these, which decide th
   path, which materialises the (batch, heads, seq, seq) scores, probabilities and dropout mask in
   fp32 (a 12 GiB over-estimate at seq 2048). CUDA runs a fused kernel that keeps only the output and
   its log-sum-exp. `CudaKernels` routes the call to the kernel CUDA picks (`attention_backend`).
-- **cuDNN LSTM**: the CPU loops over time steps; cuDNN keeps a reserve buffer for backward and takes a
-  large workspace while it runs. Routed to `_CudnnLSTM`, which allocates what cuDNN allocates.
+- **cuDNN RNNs** (LSTM, GRU, tanh/ReLU RNN): the CPU loops over time steps; cuDNN keeps a reserve
+  buffer for backward and takes a large workspace while it runs. Routed to `_CudnnRNN`, which
+  allocates what cuDNN allocates.
 - **Dropout**: the CPU multiplies by a saved noise tensor of the input's dtype; CUDA's fused kernel
   saves a one-byte mask.
 - **Workspaces** that kernels take from the caching allocator while they run (cuDNN convolution and
@@ -28,13 +29,29 @@ from torch.overrides import TorchFunctionMode
 
 aten = torch.ops.aten
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-LSTM_RESERVE_PER_ELEMENT = 5
-"""cuDNN LSTM's reserve space, in elements of the compute dtype per (batch, step, hidden unit, layer,
-direction): 4 gates and the cell state. Probe: 83,886,336 bytes at batch 32 x 256 steps x 1024 units in
-fp16 and 167,772,416 in fp32 (= 5 x 8,388,608 x itemsize + 256); halving any one size halves it."""
-LSTM_WORKSPACE_BYTES = {torch.float32: 30, torch.float16: 48, torch.bfloat16: 48}
-"""cuDNN LSTM's workspace while forward (and, smaller, backward) runs, bytes per (batch, step, hidden
-unit). Probe, fp32: 233 MiB at 32 x 256 x 1024, 121 MiB at half the size; fp16: 376 and 192 MiB."""
+RNN_RESERVE_PER_ELEMENT = {"lstm": 5, "gru": 6, "rnn_tanh": 1, "rnn_relu": 1}
+"""cuDNN's reserve space (kept for backward), in elements of the compute dtype per (batch, step, hidden
+unit) of every layer and direction: an LSTM's 4 gates and cell, a GRU's 6 gate values, a plain RNN's
+one pre-activation. An LSTM with `proj_size` p keeps h + p more per (batch, step); with several layers
+the outputs of all but the top layer are kept too; 256 bytes on top. Probe (H100, cuDNN 9.19,
+`bench/probe_memory.py rnn`): at batch 32 x 256 steps x 1024 units, fp16, one layer: LSTM 83,886,336
+bytes, GRU 100,663,552, tanh RNN 16,777,472; two-layer LSTM 184,549,632; LSTM with proj 512
+109,052,160; halving the batch or the width halves each (less 256)."""
+RESERVE_PAD_BYTES = 256
+RNN_WORKSPACE_BYTES = {"fp32": 30, "lstm_one_layer": 48, "rnn": 34, "gru_lstm": 18}
+"""cuDNN's workspace while an RNN's forward runs (its backward takes about as much twice, one at a
+time), bytes per (batch, step, hidden unit, direction). Probe: fp32 29-34 for every mode (233 MiB at
+32 x 256 x 1024); in fp16 the algorithm differs by mode: a one-layer one-direction LSTM without
+projection 47 (376 MiB), a tanh RNN 33-34, a GRU or any other LSTM 15-18."""
+
+
+def rnn_workspace_per_element(mode: str, dtype: torch.dtype, single_lstm: bool) -> int:
+    """RNN_WORKSPACE_BYTES for one run: fp32, else by the algorithm cuDNN picks for the mode."""
+    if dtype not in LOW_PRECISION:
+        return RNN_WORKSPACE_BYTES["fp32"]
+    if mode == "lstm" and single_lstm:
+        return RNN_WORKSPACE_BYTES["lstm_one_layer"]
+    return RNN_WORKSPACE_BYTES["rnn" if mode.startswith("rnn") else "gru_lstm"]
 
 
 def attention_backend(
@@ -54,7 +71,7 @@ def attention_backend(
 
 
 class CudaKernels(TorchFunctionMode):
-    """Inside a fake-tensor trace: attention and LSTMs run as the kernels CUDA would choose."""
+    """Inside a fake-tensor trace: attention and RNNs run as the kernels CUDA would choose."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -62,8 +79,9 @@ class CudaKernels(TorchFunctionMode):
             return _attention(*args, **kwargs)
         if func is F.dropout:
             return _dropout(*args, **kwargs)
-        if func is torch._VF.lstm and len(args) == 9 and isinstance(args[1], (tuple, list)):
-            return _lstm(*args)
+        mode = RNN_MODES.get(func)
+        if mode is not None and len(args) == 9 and isinstance(args[2], (tuple, list)):  # not packed
+            return _rnn(mode, *args)
         return func(*args, **kwargs)
 
 
@@ -143,54 +161,76 @@ def _nbytes(t: object) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-# --- cuDNN LSTM ----------------------------------------------------------------------------------
+# --- cuDNN RNNs ----------------------------------------------------------------------------------
+
+RNN_MODES = {
+    torch._VF.lstm: "lstm",
+    torch._VF.gru: "gru",
+    torch._VF.rnn_tanh: "rnn_tanh",
+    torch._VF.rnn_relu: "rnn_relu",
+}
 
 
-def _lstm(input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first):  # noqa: ANN001
-    """`torch._VF.lstm` as cuDNN runs it (same outputs; what it keeps and takes while it runs)."""
-    geometry = (num_layers, 2 if bidirectional else 1, hx[0].shape[-1], batch_first)
-    out, h, c = _CudnnLSTM.apply(geometry, _compute_dtype(input), input, hx[0], hx[1], *weights)
-    return out, h, c
+def _rnn(mode, input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first):  # noqa: ANN001
+    """`torch._VF.<mode>` as cuDNN runs it (same outputs; what it keeps and takes while it runs)."""
+    h0, c0 = hx if mode == "lstm" else (hx, None)
+    hidden = (c0 if c0 is not None else h0).shape[-1]
+    geometry = (mode, num_layers, 2 if bidirectional else 1, hidden, h0.shape[-1], batch_first)
+    out, h, c = _CudnnRNN.apply(geometry, _compute_dtype(input), input, h0, c0, *weights)
+    return (out, h, c) if mode == "lstm" else (out, h)
 
 
-class _CudnnLSTM(torch.autograd.Function):
+def _reserve_bytes(geometry: tuple, batch: int, steps: int, itemsize: int) -> int:
+    mode, layers, directions, hidden, out_size, _ = geometry
+    per_layer = RNN_RESERVE_PER_ELEMENT[mode] * hidden + (hidden + out_size if out_size != hidden else 0)
+    per_step = layers * directions * per_layer + (layers - 1) * directions * out_size
+    return batch * steps * per_step * itemsize + RESERVE_PAD_BYTES
+
+
+def _workspace_bytes(geometry: tuple, batch: int, steps: int, dtype: torch.dtype) -> int:
+    mode, layers, directions, hidden, out_size, _ = geometry
+    single_lstm = layers == 1 and directions == 1 and out_size == hidden
+    return batch * steps * hidden * directions * rnn_workspace_per_element(mode, dtype, single_lstm)
+
+
+class _CudnnRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, geometry, dtype, input, h0, c0, *weights):  # noqa: ANN001
-        layers, directions, hidden, batch_first = geometry
+        mode, layers, directions, hidden, out_size, batch_first = geometry
         batch, steps = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
         x = input.to(dtype)
         # Under autocast cuDNN runs on one flat low-precision copy of the weights (kept for backward).
         flat = (
             torch.empty(sum(w.numel() for w in weights), dtype=dtype) if dtype != weights[0].dtype else None
         )
-        elements = batch * steps * hidden * layers * directions
-        per_layer = batch * steps * hidden * directions
         # In aten's _cudnn_rnn order: the outputs, then the workspace, then the reserve; the workspace
         # is freed when the kernel returns, so all of them are alive together while it runs.
         out_shape = (
-            (batch, steps, hidden * directions) if batch_first else (steps, batch, hidden * directions)
+            (batch, steps, out_size * directions) if batch_first else (steps, batch, out_size * directions)
         )
         out = torch.empty(out_shape, dtype=dtype)
-        h = torch.empty((layers * directions, batch, hidden), dtype=dtype)
-        c = torch.empty((layers * directions, batch, hidden), dtype=dtype)
-        workspace = torch.empty(per_layer * LSTM_WORKSPACE_BYTES[dtype], dtype=torch.uint8)
-        reserve = torch.empty(LSTM_RESERVE_PER_ELEMENT * elements * x.element_size(), dtype=torch.uint8)
+        h = torch.empty((layers * directions, batch, out_size), dtype=dtype)
+        c = torch.empty((layers * directions, batch, hidden), dtype=dtype) if c0 is not None else None
+        workspace = torch.empty(_workspace_bytes(geometry, batch, steps, dtype), dtype=torch.uint8)
+        reserve = torch.empty(_reserve_bytes(geometry, batch, steps, x.element_size()), dtype=torch.uint8)
         del workspace
-        ctx.save_for_backward(x, h0, c0, out, reserve, *([flat] if flat is not None else []))
+        ctx.has_c = c0 is not None
+        saved_c0 = [c0] if c0 is not None else []
+        ctx.save_for_backward(x, h0, *saved_c0, out, reserve, *([flat] if flat is not None else []))
         ctx.geometry, ctx.shapes = geometry, [(w.shape, w.dtype) for w in weights]
-        ctx.input_dtype = input.dtype
+        ctx.input_dtype, ctx.batch_steps = input.dtype, (batch, steps)
         return out, h, c
 
     @staticmethod
     def backward(ctx, grad_out, grad_h, grad_c):  # noqa: ANN001
         saved = ctx.saved_tensors  # reserve and output stay alive while backward runs
-        x, h0, c0 = saved[:3]
-        _, directions, hidden, _ = ctx.geometry
-        per_layer = x.shape[0] * x.shape[1] * hidden * directions
-        workspace_bytes = per_layer * LSTM_WORKSPACE_BYTES[x.dtype]  # smaller than forward's: a bound
+        x, h0 = saved[:2]
+        c0 = saved[2] if ctx.has_c else None
+        workspace_bytes = _workspace_bytes(ctx.geometry, *ctx.batch_steps, x.dtype)
         # aten's order: the input gradients, a workspace while that kernel runs; then the weights'
         # gradients (one flat buffer) and a workspace again while theirs runs.
-        grad_x, grad_h, grad_c = torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0)
+        grad_x, grad_h = torch.empty_like(x), torch.empty_like(h0)
+        grad_c = torch.empty_like(c0) if c0 is not None else None
         workspace = torch.empty(workspace_bytes, dtype=torch.uint8)
         del workspace
         flat_grad = torch.empty(sum(math.prod(shape) for shape, _ in ctx.shapes), dtype=x.dtype)

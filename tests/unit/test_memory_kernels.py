@@ -10,8 +10,9 @@ from torch import nn
 
 from launcher.memory.compiled import keep_what_compile_saves
 from launcher.memory.cuda_kernels import (
-    LSTM_RESERVE_PER_ELEMENT,
-    LSTM_WORKSPACE_BYTES,
+    RESERVE_PAD_BYTES,
+    RNN_RESERVE_PER_ELEMENT,
+    RNN_WORKSPACE_BYTES,
     CudaKernels,
     attention_backend,
 )
@@ -99,13 +100,13 @@ def test_lstm_keeps_cudnn_reserve_and_takes_its_workspace():
         x = torch.empty(B, steps, hidden, requires_grad=True)
         tracker = trace_forward(lstm, x)
     elements = B * steps * hidden
-    kept = [LSTM_RESERVE_PER_ELEMENT * elements * 4, elements * 4] + [B * hidden * 4] * 4
+    reserve = RNN_RESERVE_PER_ELEMENT["lstm"] * elements * 4 + RESERVE_PAD_BYTES
+    kept = [reserve, elements * 4] + [B * hidden * 4] * 4
     assert tracker.live["forward"] == sum(allocated_bytes(n) for n in kept)
     weights = sum(allocated_bytes(p.numel() * 4) for p in lstm.parameters())
     before = weights + allocated_bytes(elements * 4) + 2 * allocated_bytes(B * hidden * 4)  # x, h0, c0
-    workspace = allocated_bytes(elements * LSTM_WORKSPACE_BYTES[torch.float32])
+    workspace = allocated_bytes(elements * RNN_WORKSPACE_BYTES["fp32"])
     returned = [elements * 4] + [B * hidden * 4] * 2  # output, final h and c
-    reserve = LSTM_RESERVE_PER_ELEMENT * elements * 4
     assert tracker.peak == before + sum(allocated_bytes(n) for n in [*returned, reserve]) + workspace
 
 
@@ -124,15 +125,52 @@ def test_lstm_backward_holds_its_gradients_with_the_workspace():
     elements = B * steps * hidden
     weights = sum(allocated_bytes(p.numel() * 4) for p in lstm.parameters())
     flat_grad = allocated_bytes(sum(p.numel() for p in lstm.parameters()) * 4)
-    workspace = allocated_bytes(elements * LSTM_WORKSPACE_BYTES[torch.float32])
+    workspace = allocated_bytes(elements * RNN_WORKSPACE_BYTES["fp32"])
     x_bytes, state = allocated_bytes(elements * 4), allocated_bytes(B * hidden * 4)
-    reserve = allocated_bytes(LSTM_RESERVE_PER_ELEMENT * elements * 4)
+    reserve = allocated_bytes(RNN_RESERVE_PER_ELEMENT["lstm"] * elements * 4 + RESERVE_PAD_BYTES)
     # weights, x, h0, c0, the saved output and final states, the reserve; then dx, dh, dc, the flat dW
     # and a workspace together. Beside them only 512-byte blocks: the loss's gradient and the zero
     # gradients autograd makes for the unused final states.
     alive = weights + x_bytes + 2 * state + x_bytes + 2 * state + reserve
     expected = alive + x_bytes + 2 * state + flat_grad + workspace
     assert 0 <= tracker.peak - expected <= 4 * 512
+
+
+def _forward_kept(rnn: nn.Module, hidden: int, steps: int, amp=None) -> tuple[int, LiveBytes]:
+    with fake_mode():
+        module = materialize(_meta(lambda: rnn))
+        x = torch.empty(B, steps, hidden, requires_grad=True)
+        return B * steps, trace_forward(module, x, amp=amp)
+
+
+def test_gru_and_plain_rnn_keep_their_own_reserve():
+    """A GRU keeps 6 values per hidden unit and step for backward, a tanh RNN one, in the compute
+    dtype; each returns its output and final state (no cell state)."""
+    hidden, steps = 32, 16
+    for mode, make, per_unit in (("gru", nn.GRU, 6), ("rnn_tanh", nn.RNN, 1)):
+        rows, tracker = _forward_kept(make(hidden, hidden, batch_first=True), hidden, steps)
+        reserve = per_unit * rows * hidden * 4 + RESERVE_PAD_BYTES
+        kept = [reserve, rows * hidden * 4] + [B * hidden * 4] * 2  # + output, h0 and the final h
+        assert tracker.live["forward"] == sum(allocated_bytes(n) for n in kept), mode
+
+
+def test_lstm_layers_and_projection_keep_what_cudnn_keeps():
+    """Two layers keep the lower layer's output besides each layer's gates; a projection to p keeps
+    h + p more per step and makes the output and hidden state p wide. bf16 autocast: the reserve and
+    output in bf16, plus the flat bf16 copy of the weights."""
+    hidden, steps, proj = 32, 16, 8
+    rows, tracker = _forward_kept(nn.LSTM(hidden, hidden, num_layers=2, batch_first=True), hidden, steps)
+    reserve = (2 * 5 * hidden + hidden) * rows * 4 + RESERVE_PAD_BYTES  # 4 gates + cell a layer
+    kept = [reserve, rows * hidden * 4] + [2 * B * hidden * 4] * 4
+    assert tracker.live["forward"] == sum(allocated_bytes(n) for n in kept)
+    lstm = nn.LSTM(hidden, hidden, batch_first=True, proj_size=proj)
+    rows, tracker = _forward_kept(lstm, hidden, steps, amp=torch.bfloat16)
+    reserve = (5 * hidden + hidden + proj) * rows * 2 + RESERVE_PAD_BYTES
+    flat = sum(p.numel() for p in lstm.parameters()) * 2
+    # reserve, the bf16 input, output and flat weights; h0 (p wide) and c0 (h wide) and their finals
+    kept = [reserve, rows * hidden * 2, rows * proj * 2, flat, B * proj * 4, B * hidden * 4]
+    kept += [B * proj * 2, B * hidden * 2]
+    assert tracker.live["forward"] == sum(allocated_bytes(n) for n in kept)
 
 
 class SiluMLP(nn.Module):
