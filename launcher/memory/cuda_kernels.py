@@ -45,15 +45,6 @@ time), bytes per (batch, step, hidden unit, direction). Probe: fp32 29-34 for ev
 projection 47 (376 MiB), a tanh RNN 33-34, a GRU or any other LSTM 15-18."""
 
 
-def rnn_workspace_per_element(mode: str, dtype: torch.dtype, single_lstm: bool) -> int:
-    """RNN_WORKSPACE_BYTES for one run: fp32, else by the algorithm cuDNN picks for the mode."""
-    if dtype not in LOW_PRECISION:
-        return RNN_WORKSPACE_BYTES["fp32"]
-    if mode == "lstm" and single_lstm:
-        return RNN_WORKSPACE_BYTES["lstm_one_layer"]
-    return RNN_WORKSPACE_BYTES["rnn" if mode.startswith("rnn") else "gru_lstm"]
-
-
 def attention_backend(
     dtype: torch.dtype, head_dim: int, has_mask: bool, dropout_p: float, enable_gqa: bool = False
 ) -> str:
@@ -188,9 +179,15 @@ def _reserve_bytes(geometry: tuple, batch: int, steps: int, itemsize: int) -> in
 
 
 def _workspace_bytes(geometry: tuple, batch: int, steps: int, dtype: torch.dtype) -> int:
+    """RNN_WORKSPACE_BYTES of the algorithm cuDNN picks: by dtype, then by mode and shape."""
     mode, layers, directions, hidden, out_size, _ = geometry
-    single_lstm = layers == 1 and directions == 1 and out_size == hidden
-    return batch * steps * hidden * directions * rnn_workspace_per_element(mode, dtype, single_lstm)
+    if dtype not in LOW_PRECISION:
+        kind = "fp32"
+    elif mode == "lstm" and layers == 1 and directions == 1 and out_size == hidden:
+        kind = "lstm_one_layer"
+    else:
+        kind = "rnn" if mode.startswith("rnn") else "gru_lstm"
+    return batch * steps * hidden * directions * RNN_WORKSPACE_BYTES[kind]
 
 
 class _CudnnRNN(torch.autograd.Function):
