@@ -176,7 +176,7 @@ HELDOUT_3 = {
     ],
     "gpt_compile_mb24": [*BASE, "train.compile=true", "train.micro_batch_size=24"],
 }
-# Recurrent cells the estimator has no cuDNN model of yet (2026-12-06): what the CPU trace gives them.
+# Recurrent cells beyond the one-layer LSTM (2026-12-06): measured before and after the cuDNN RNN model.
 RNN_CELLS = {
     "gru_bf16_mb32": [LSTM, "recipe.cell=gru", "precision=bf16", "train.micro_batch_size=32"],
     "gru_fp32_ac_mb32": [
@@ -187,6 +187,22 @@ RNN_CELLS = {
         "train.micro_batch_size=32",
     ],
     "rnn_tanh_bf16_mb64": [LSTM, "recipe.cell=rnn_tanh", "precision=bf16", "train.micro_batch_size=64"],
+    # written after the cuDNN RNN model (8111568): two layers per call, with and without checkpointing
+    "lstm2_bf16_mb32": [
+        LSTM,
+        "recipe.cell=lstm2",
+        "recipe.n_layers=2",
+        "precision=bf16",
+        "train.micro_batch_size=32",
+    ],
+    "lstm2_fp32_ac_mb16": [
+        LSTM,
+        "recipe.cell=lstm2",
+        "recipe.n_layers=2",
+        "precision=fp32",
+        "train.activation_checkpointing=true",
+        "train.micro_batch_size=16",
+    ],
 }
 SUITES = {
     "calibration": CASES,

@@ -118,13 +118,14 @@ class LSTMConfig:
     n_layers: int = 4
     samples: int = 4096
     cell: str = "lstm"
-    """lstm, gru or rnn_tanh: the recurrent module of every block."""
+    """lstm, gru, rnn_tanh or lstm2 (two layers in one cuDNN call): the recurrent module of every block."""
 
 
 CELLS = {
     "lstm": lambda h: nn.LSTM(h, h, batch_first=True),
     "gru": lambda h: nn.GRU(h, h, batch_first=True),
     "rnn_tanh": lambda h: nn.RNN(h, h, batch_first=True),
+    "lstm2": lambda h: nn.LSTM(h, h, num_layers=2, batch_first=True),
 }
 
 
