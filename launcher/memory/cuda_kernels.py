@@ -171,14 +171,14 @@ def _rnn(mode, input, hx, weights, has_biases, num_layers, dropout, train, bidir
     return (out, h, c) if mode == "lstm" else (out, h)
 
 
-def _reserve_bytes(geometry: tuple, batch: int, steps: int, itemsize: int) -> int:
+def _rnn_reserve_bytes(geometry: tuple, batch: int, steps: int, itemsize: int) -> int:
     mode, layers, directions, hidden, out_size, _ = geometry
     per_layer = RNN_RESERVE_PER_ELEMENT[mode] * hidden + (hidden + out_size if out_size != hidden else 0)
     per_step = layers * directions * per_layer + (layers - 1) * directions * out_size
     return batch * steps * per_step * itemsize + RESERVE_PAD_BYTES
 
 
-def _workspace_bytes(geometry: tuple, batch: int, steps: int, dtype: torch.dtype) -> int:
+def _rnn_workspace_bytes(geometry: tuple, batch: int, steps: int, dtype: torch.dtype) -> int:
     """RNN_WORKSPACE_BYTES of the algorithm cuDNN picks: by dtype, then by mode and shape."""
     mode, layers, directions, hidden, out_size, _ = geometry
     if dtype not in LOW_PRECISION:
@@ -208,14 +208,14 @@ class _CudnnRNN(torch.autograd.Function):
         out = torch.empty(out_shape, dtype=dtype)
         h = torch.empty((layers * directions, batch, out_size), dtype=dtype)
         c = torch.empty((layers * directions, batch, hidden), dtype=dtype) if c0 is not None else None
-        workspace = torch.empty(_workspace_bytes(geometry, batch, steps, dtype), dtype=torch.uint8)
-        reserve = torch.empty(_reserve_bytes(geometry, batch, steps, x.element_size()), dtype=torch.uint8)
+        ctx.workspace_bytes = _rnn_workspace_bytes(geometry, batch, steps, dtype)  # backward takes it twice
+        workspace = torch.empty(ctx.workspace_bytes, dtype=torch.uint8)
+        reserve = torch.empty(_rnn_reserve_bytes(geometry, batch, steps, x.element_size()), dtype=torch.uint8)
         del workspace
         ctx.has_c = c0 is not None
         saved_c0 = [c0] if c0 is not None else []
         ctx.save_for_backward(x, h0, *saved_c0, out, reserve, *([flat] if flat is not None else []))
-        ctx.geometry, ctx.shapes = geometry, [(w.shape, w.dtype) for w in weights]
-        ctx.input_dtype, ctx.batch_steps = input.dtype, (batch, steps)
+        ctx.shapes, ctx.input_dtype = [(w.shape, w.dtype) for w in weights], input.dtype
         return out, h, c
 
     @staticmethod
@@ -223,15 +223,14 @@ class _CudnnRNN(torch.autograd.Function):
         saved = ctx.saved_tensors  # reserve and output stay alive while backward runs
         x, h0 = saved[:2]
         c0 = saved[2] if ctx.has_c else None
-        workspace_bytes = _workspace_bytes(ctx.geometry, *ctx.batch_steps, x.dtype)
         # aten's order: the input gradients, a workspace while that kernel runs; then the weights'
         # gradients (one flat buffer) and a workspace again while theirs runs.
         grad_x, grad_h = torch.empty_like(x), torch.empty_like(h0)
         grad_c = torch.empty_like(c0) if c0 is not None else None
-        workspace = torch.empty(workspace_bytes, dtype=torch.uint8)
+        workspace = torch.empty(ctx.workspace_bytes, dtype=torch.uint8)
         del workspace
         flat_grad = torch.empty(sum(math.prod(shape) for shape, _ in ctx.shapes), dtype=x.dtype)
-        workspace = torch.empty(workspace_bytes, dtype=torch.uint8)
+        workspace = torch.empty(ctx.workspace_bytes, dtype=torch.uint8)
         del workspace
         grads, offset = [], 0
         for shape, dtype in ctx.shapes:  # views of the flat buffer (copies when autocast cast them)
