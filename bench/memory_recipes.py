@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from launcher.recipe import BlockLayout
+from launcher.recipe import BlockLayout, ConfigError
 
 
 def _synthetic(n: int, make, seed: int = 0) -> TensorDataset:
@@ -119,6 +119,10 @@ class LSTMConfig:
     samples: int = 4096
     cell: str = "lstm"
     """lstm, gru, rnn_tanh or lstm2 (two layers in one cuDNN call): the recurrent module of every block."""
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ConfigError("recipe.cell", self.cell, f"must be one of {', '.join(CELLS)}")
 
 
 CELLS = {
