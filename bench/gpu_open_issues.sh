@@ -106,6 +106,19 @@ launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu3,launcher_fsdp_compiled_b
 launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
     fp8)
       step fp8 280 python3 bench/bench_speed.py --steps 30 --cases d4096_bf16,d4096_fp8_tensorwise,d4096_fp8_tensorwise_head ;;
+    fp8_share)  # issue 20 target 4: GEMM / attention / other kernel time per step, bf16 and fp8, and fp8's ceiling
+      step fp8_gemms 90 python3 bench/probe_fp8_share.py gemms
+      pairs=()
+      for v in "d2048x8_bf16:2048 8 16" "d2048x8_fp8:2048 8 16 fp8" "d4096x8_bf16:4096 8 32" "d4096x8_fp8:4096 8 32 fp8"; do
+        name=${v%%:*}; set -- ${v#*:}; rm -rf /tmp/share_$name
+        step share_$name 170 python3 -m launcher experiment=gpt2_small recipe.data.max_bytes=4000000 \
+          recipe.model.d_model=$1 recipe.model.n_layers=$2 recipe.model.n_heads=$3 train.micro_batch_size=8 \
+          precision=${4:-bf16} train.steps=18 train.log_every=1 train.compile=true train.eval_every=0 checkpoint.every=0 \
+          logger.progress_bar=false profile.enabled=true profile.wait=13 profile.warmup=2 profile.active=3 \
+          run.dir=/tmp/share_$name
+        pairs+=("$name=/tmp/share_$name")
+      done
+      step fp8_share 60 python3 bench/probe_fp8_share.py traces "${pairs[@]}" ;;
     fp8_deep)  # d 4096 with 8 blocks: fp8 against bf16 where the head weighs less (issue 20 target 4)
       step fp8_deep 420 python3 bench/bench_speed.py --steps 40 \
         --cases d4096x8_bf16,d4096x8_fp8_tensorwise,d4096x8_fp8_tensorwise_head ;;
@@ -131,6 +144,11 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
     rnn)  # GRU and tanh RNN: cuDNN's per-op memory (probe) and whole runs against the current estimate
       step rnn_probe 120 python3 bench/probe_memory.py rnn
       step rnn_cells 120 python3 bench/bench_memory.py --suite rnn --jobs 3 --steps 4 --out "$out/rnn.jsonl" ;;
+    lstm2_snap)  # the two-layer checkpointed fp32 LSTM's allocator history (-7.2% / -15.3% at its first measure)
+      step lstm2_snap 120 python3 bench/bench_memory.py --suite rnn --steps 4 \
+        --only lstm2_fp32_ac_mb16 --snapshot lstm2_fp32_ac_mb16 --snapshot-dir "$out/snaps"
+      step lstm2_growth 120 python3 bench/reserved_growth.py lstm2_fp32_ac_mb16 \
+        --snapshot "$out/snaps/lstm2_fp32_ac_mb16.pickle.gz" ;;
     peaks)
       step peaks 150 python3 bench/probe_peak.py lstm_fp32_ac_mb32 lstm_bf16_ac_mb64 conv_fp32_sgd_ac_mb64 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
