@@ -342,7 +342,7 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
     )
     psgd = dict(rank=4, start_iter=2)
 
-    def ours(rank: int, orthogonalization: str = "auto", graphs: bool = True):
+    def ours(rank: int, orthogonalization: str = "auto", graphs: bool = True, kernels: bool = True):
         return lambda: (
             powersgd_hook,
             BatchedPowerSGDState(
@@ -356,6 +356,7 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
                 0,
                 orthogonalization=orthogonalization,
                 cuda_graphs=graphs,
+                triton_kernels=kernels,
             ),
         )
 
@@ -370,6 +371,8 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
         ),
         "powersgd_r4_ours": lambda: build_comm_hook(PowerSGDConfig(**psgd), None, False),
         "powersgd_r4_ours_no_graphs": ours(4, graphs=False),
+        # the products by torch.bmm (cuBLAS skinny GEMMs) instead of the one-pass Triton kernels
+        "powersgd_r4_ours_bmm": ours(4, kernels=False),
         "powersgd_r4_ours_qr_no_graphs": ours(4, "qr", graphs=False),
         # fewer, larger buckets: each bucket orthonormalises its P and Q once (~0.34 ms of small kernels)
         "ddp_no_hook_b100": None,

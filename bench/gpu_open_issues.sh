@@ -78,6 +78,10 @@ PY
     hooks)
       step hooks 100 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --hooks ddp_no_hook,fp16,fp16_builtin,powersgd_r4_ours ;;
+    hooks_kernels)  # PowerSGD's products as Triton kernels against torch.bmm; the kernels' GPU test first
+      step hooks_kernels_test 120 python3 -m pytest -q -x tests/gpu -k powersgd
+      step hooks_kernels 200 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
+        --hooks ddp_no_hook,fp16,powersgd_r4_ours_bmm,powersgd_r4_ours ;;
     hooks_profile)  # kernels and time per step by kernel: where a hook's step time goes
       step hooks_profile 150 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 --profile-hooks 3 \
         --hooks ddp_no_hook,fp16,powersgd_r4_ours ;;

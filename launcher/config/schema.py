@@ -402,6 +402,10 @@ class PowerSGDConfig:
     cuda_graphs: bool = True
     """impl=ours on CUDA: replay each bucket's arithmetic as CUDA graphs once its tensors stay put (one
     launch instead of dozens: launcher/parallel/bucket_graphs.py); false launches the kernels one by one."""
+    triton_kernels: bool = True
+    """impl=ours on CUDA with Triton: P = M Q, Q = M^T P and the error feedback as kernels that stream
+    each gradient matrix once (launcher/parallel/powersgd_kernels.py), where cuBLAS's skinny GEMMs run
+    far below memory bandwidth; false uses torch.bmm. Ranks above 16 always use bmm."""
 
 
 @dataclass

@@ -108,7 +108,12 @@ def build_comm_hook(cfg: Any, group: Any, guard_overflow: bool) -> CommHook | No
         else:
             if cfg.batch_same_shape:
                 log.warning("comm_hook.batch_same_shape has no effect with impl=ours: it always batches")
-            state, hook = BatchedPowerSGDState(**common, cuda_graphs=cfg.cuda_graphs), powersgd_hook
+            state, hook = (
+                BatchedPowerSGDState(
+                    **common, cuda_graphs=cfg.cuda_graphs, triton_kernels=cfg.triton_kernels
+                ),
+                powersgd_hook,
+            )
         if cfg.compress_dtype == CompressDtype.fp16:
             hook = default_hooks.fp16_compress_wrapper(hook)
         elif cfg.compress_dtype == CompressDtype.bf16:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launcher.parallel import powersgd_kernels
 from launcher.parallel.bucket_graphs import SegmentGraphs
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class BatchedPowerSGDState:
         random_seed: int,
         orthogonalization: str = "auto",
         cuda_graphs: bool = True,
+        triton_kernels: bool = True,
     ) -> None:
         if orthogonalization not in ORTHOGONALIZATIONS:
             raise ValueError(
@@ -117,6 +119,7 @@ class BatchedPowerSGDState:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._uncompressed: dict[int, torch.Tensor] = {}
         self.graphs = SegmentGraphs(enabled=cuda_graphs)
+        self.triton_kernels = triton_kernels
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
         """The CUDA stream this rank's hook work runs on (one per device, made on first use)."""
@@ -340,6 +343,9 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
             [_factor_views(q_memory, g, g.shape[1], g.q_start) for g in plan.groups],
         )
 
+    def streamed(matrix: torch.Tensor) -> bool:  # the products as one-pass Triton kernels
+        return state.triton_kernels and powersgd_kernels.available(matrix, state.matrix_approximation_rank)
+
     def compress_p() -> None:  # input (+ error), its uncompressed part gathered; P = M orth(Q)
         matrices, ps, qs = made()
         if add_error:
@@ -353,18 +359,27 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
                 error.index_copy_(0, plan.uncompressed_index, uncompressed)  # the input; minus the mean later
         _orthogonalize_factors(state, q_memory, plan, qs, dim=1)
         for matrix, p, q in zip(matrices, ps, qs):
-            torch.bmm(matrix, q, out=p)
+            if streamed(matrix):
+                powersgd_kernels.m_times_q(matrix, q, p)
+            else:
+                torch.bmm(matrix, q, out=p)
 
     def compress_q() -> None:  # Q = M^T orth(P), with P summed over ranks
         matrices, ps, qs = made()
         _orthogonalize_factors(state, p_memory, plan, ps, dim=0)
         for matrix, p, q in zip(matrices, ps, qs):
-            torch.bmm(matrix.transpose(1, 2), p, out=q)
+            if streamed(matrix):
+                powersgd_kernels.mt_times_p(matrix, p, q)
+            else:
+                torch.bmm(matrix.transpose(1, 2), p, out=q)
 
     def decompress() -> None:  # M = P Q^T (Q averaged), the error = input - M, the mean where uncompressed
         matrices, ps, qs = made()
         q_memory.div_(world)
         for g, matrix, p, q in zip(plan.groups, matrices, ps, qs):
+            if g.strided and streamed(matrix):  # the error and M = P Q^T in one pass
+                powersgd_kernels.decompress(matrix, p, q, _matrices(error, g) if error is not None else None)
+                continue
             q_t = q.transpose(1, 2)
             if error is not None:  # one pass over the input
                 if g.strided:
