@@ -138,16 +138,19 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-ROWS = 16
-"""Rows per program of the P product: small, so one matrix spreads over the GPU's SMs."""
+TILES = {"p": (16, 64, 4), "q": (32, 64, 4), "decompress": (32, 64, 4)}
+"""(rows, columns, warps) of each kernel's program. Few rows for P, so that one matrix spreads over
+the GPU's SMs; bench/probe_powersgd_kernels.py times the alternatives."""
 
 
 def m_times_q(matrices: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
     """out = matrices @ q, for (b, n, m) matrices, (b, m, r) contiguous q and out (b, n, r)."""
     b, n, m = matrices.shape
-    grid = (triton.cdiv(n, ROWS), b)
+    rows, cols, warps = TILES["p"]
     strides = matrices.stride(0), matrices.stride(1)
-    _m_times_q[grid](matrices, q, out, n, m, q.shape[2], *strides, BN=ROWS, BK=64)
+    _m_times_q[(triton.cdiv(n, rows), b)](
+        matrices, q, out, n, m, q.shape[2], *strides, BN=rows, BK=cols, num_warps=warps
+    )
 
 
 def mt_times_p(matrices: torch.Tensor, p: torch.Tensor, out: torch.Tensor) -> None:
@@ -158,7 +161,7 @@ def mt_times_p(matrices: torch.Tensor, p: torch.Tensor, out: torch.Tensor) -> No
     """
     b, n, m = matrices.shape
     r = p.shape[2]
-    cols, block_rows = 64, 32
+    block_rows, cols, warps = TILES["q"]
     col_blocks = triton.cdiv(m, cols)
     splits = max(1, min(triton.cdiv(n, block_rows), 2 * _sm_count(matrices.device) // (col_blocks * b)))
     rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_rows) * block_rows
@@ -167,7 +170,7 @@ def mt_times_p(matrices: torch.Tensor, p: torch.Tensor, out: torch.Tensor) -> No
     grid = (col_blocks, splits, b)
     _mt_times_p[grid](
         matrices, p, partial, n, m, r, matrices.stride(0), matrices.stride(1), rows_per_split,
-        BN=block_rows, BM=cols,
+        BN=block_rows, BM=cols, num_warps=warps,
     )  # fmt: skip
     torch.sum(partial[..., :r], dim=0, out=out)
 
@@ -180,8 +183,9 @@ def decompress(matrices: torch.Tensor, p: torch.Tensor, q: torch.Tensor, error: 
     b, n, m = matrices.shape
     if error is not None:
         assert error.stride(1) == matrices.stride(1) and error.stride(2) == 1
-    grid = (triton.cdiv(n, 32), triton.cdiv(m, 64), b)
+    rows, cols, warps = TILES["decompress"]
+    grid = (triton.cdiv(n, rows), triton.cdiv(m, cols), b)
     _decompress[grid](
         matrices, error, p, q, n, m, p.shape[2], matrices.stride(0), matrices.stride(1),
-        error.stride(0) if error is not None else 0, BN=32, BM=64,
+        error.stride(0) if error is not None else 0, BN=rows, BM=cols, num_warps=warps,
     )  # fmt: skip
