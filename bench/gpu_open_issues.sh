@@ -82,6 +82,8 @@ PY
       step hooks_kernels_test 120 python3 -m pytest -q -x tests/gpu -k powersgd
       step hooks_kernels 200 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
         --hooks ddp_no_hook,fp16,powersgd_r4_ours_bmm,powersgd_r4_ours ;;
+    hooks_tiles)  # PowerSGD's Triton products: tile sizes against bmm (GPT-2-small's matrices, rank 4)
+      step hooks_tiles 120 python3 bench/probe_powersgd_kernels.py ;;
     hooks_profile)  # kernels and time per step by kernel: where a hook's step time goes
       step hooks_profile 150 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 --profile-hooks 3 \
         --hooks ddp_no_hook,fp16,powersgd_r4_ours ;;
@@ -113,7 +115,9 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
     fp8_share)  # issue 20 target 4: GEMM / attention / other kernel time per step, bf16 and fp8, and fp8's ceiling
       step fp8_gemms 90 python3 bench/probe_fp8_share.py gemms
       pairs=()
-      for v in "d2048x8_bf16:2048 8 16" "d2048x8_fp8:2048 8 16 fp8" "d4096x8_bf16:4096 8 32" "d4096x8_fp8:4096 8 32 fp8"; do
+      widths=("d2048x8_bf16:2048 8 16" "d2048x8_fp8:2048 8 16 fp8" "d4096x8_bf16:4096 8 32" "d4096x8_fp8:4096 8 32 fp8")
+      [ -n "${FP8_SHARE_ONLY:-}" ] && widths=("${widths[@]:2}")  # d 4096 only
+      for v in "${widths[@]}"; do
         name=${v%%:*}; set -- ${v#*:}; rm -rf /tmp/share_$name
         step share_$name 170 python3 -m launcher experiment=gpt2_small recipe.data.max_bytes=4000000 \
           recipe.model.d_model=$1 recipe.model.n_layers=$2 recipe.model.n_heads=$3 train.micro_batch_size=8 \
@@ -121,6 +125,7 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
           logger.progress_bar=false profile.enabled=true profile.wait=13 profile.warmup=2 profile.active=3 \
           run.dir=/tmp/share_$name
         pairs+=("$name=/tmp/share_$name")
+        gzip -c /tmp/share_$name/profile/rank0_step*.json > "$out/trace_$name.json.gz"
       done
       step fp8_share 60 python3 bench/probe_fp8_share.py traces "${pairs[@]}" ;;
     fp8_deep)  # d 4096 with 8 blocks: fp8 against bf16 where the head weighs less (issue 20 target 4)

@@ -35,20 +35,28 @@ def step_table(run_dir: Path) -> dict:
     """Kernel ms per step by class (the trace's active steps), and the loop's median step time."""
     trace = sorted((run_dir / "profile").glob("rank0_step*.json"))[-1]
     events = json.loads(trace.read_text())["traceEvents"]
-    steps = [e for e in events if e.get("name", "").startswith("ProfilerStep#")]
+    # Each step appears twice: on the CPU and as a GPU annotation; count the CPU's.
+    steps = [
+        e
+        for e in events
+        if e.get("name", "").startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation"
+    ]
     kernels = [e for e in events if e.get("cat") == "kernel"]
     by_class, by_name = Counter(), Counter()
     for k in kernels:
         by_class[kernel_class(k["name"])] += k["dur"]
-        by_name[k["name"][:90]] += k["dur"]
+        by_name[k["name"][:150]] += k["dur"]
     n = max(len(steps), 1)
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"step_time_s"' in line]
     step_ms = statistics.median(m["step_time_s"] for m in metrics[3:]) * 1e3
-    others = [(name, us / n / 1e3) for name, us in by_name.most_common() if kernel_class(name) == "other"][:8]
+    top = {
+        c: [(name, us / n / 1e3) for name, us in by_name.most_common() if kernel_class(name) == c][:8]
+        for c in ("gemm", "other")
+    }
     return {
         "step_ms": step_ms,
         **{c: by_class[c] / n / 1e3 for c in ("gemm", "attention", "other")},
-        "top_other": others,
+        "top": top,
     }
 
 
@@ -63,9 +71,10 @@ def traces(pairs: list[str]) -> None:
             f"| {label} | {r['step_ms']:.1f} | {r['gemm']:.1f} | {r['attention']:.1f} | {r['other']:.1f} | {total:.1f} |"
         )
     for label, r in rows.items():
-        print(f"\n{label}: largest non-GEMM kernels, ms a step")
-        for name, ms in r["top_other"]:
-            print(f"  {ms:7.2f}  {name}")
+        for c in ("gemm", "other"):
+            print(f"\n{label}: largest {c} kernels, ms a step")
+            for name, ms in r["top"][c]:
+                print(f"  {ms:7.2f}  {name}")
     for label, r in rows.items():
         if not label.endswith("_bf16") or label.replace("_bf16", "_fp8") not in rows:
             continue
