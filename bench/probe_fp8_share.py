@@ -24,6 +24,8 @@ ATTENTION_WORDS = ("flash", "fmha", "sdpa", "attention", "attn")
 
 def kernel_class(name: str) -> str:
     lower = name.lower()
+    if lower.startswith("triton_") and not lower.startswith("triton_tem"):
+        return "other"  # Inductor's fused pointwise/reduction kernels (their names list the ops they fuse)
     if any(w in lower for w in ATTENTION_WORDS):
         return "attention"
     if any(w in lower for w in GEMM_WORDS):

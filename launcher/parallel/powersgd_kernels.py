@@ -138,7 +138,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-TILES = {"p": (16, 64, 4), "q": (32, 64, 4), "decompress": (32, 64, 4)}
+TILES = {"p": (16, 64, 4), "q": (32, 64, 4), "decompress": (64, 128, 4)}
 """(rows, columns, warps) of each kernel's program. Few rows for P, so that one matrix spreads over
 the GPU's SMs; bench/probe_powersgd_kernels.py times the alternatives."""
 
