@@ -4,7 +4,7 @@ With rank r <= 16 the products P = M Q, Q = M^T P and (E, M) = (M - P Q^T, P Q^T
 their arithmetic is 2r flops per gradient element. cuBLAS runs them as skinny GEMMs at a fraction of
 the memory bandwidth (GPT-2-small on an H100: 6.9 ms a step for passes that take ~1 ms at full
 bandwidth, bench/RESULTS.md). These kernels stream each (n, m) matrix once per product, the factor
-in registers, as fp32 multiply-adds on the CUDA cores (no TF32; tl.dot would pad rank 4 to 16), and the
+padded to 16 columns in registers, fp32 throughout (`input_precision="ieee"`: no TF32), and the
 decompression writes the error and the approximation in the same pass.
 
 Used only on CUDA with Triton importable (`available`); elsewhere the hook keeps torch.bmm.
@@ -23,7 +23,7 @@ except ImportError:  # CPU-only torch: the hook uses torch.bmm
     triton = None
 
 MAX_RANK = 16
-"""Factors are padded to a power of two in registers; higher ranks use bmm."""
+"""Factors are padded to this many columns in the kernels (tl.dot needs 16); higher ranks use bmm."""
 
 
 def available(matrices: torch.Tensor, rank: int) -> bool:
@@ -46,14 +46,12 @@ def _interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _m_times_q(
-        m_ptr, q_ptr, p_ptr, n, m, r, m_batch, m_row, BN: tl.constexpr, BK: tl.constexpr, R: tl.constexpr
-    ):
-        """P[b, rows] = M[b, rows] @ Q[b] for one block of BN rows (R: r rounded up to a power of 2)."""
+    def _m_times_q(m_ptr, q_ptr, p_ptr, n, m, r, m_batch, m_row, BN: tl.constexpr, BK: tl.constexpr):
+        """P[b, rows] = M[b, rows] @ Q[b] for one block of BN rows."""
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         b = tl.program_id(1)
-        cols_r = tl.arange(0, R)
-        acc = tl.zeros((BN, R), dtype=tl.float32)
+        cols_r = tl.arange(0, 16)
+        acc = tl.zeros((BN, 16), dtype=tl.float32)
         for k0 in range(0, m, BK):
             ks = k0 + tl.arange(0, BK)
             tile = tl.load(
@@ -66,8 +64,7 @@ if triton is not None:
                 mask=(ks[:, None] < m) & (cols_r[None, :] < r),
                 other=0.0,
             )
-            # fp32 multiply-adds on the CUDA cores: exact work for rank r (tl.dot would pad it to 16)
-            acc += tl.sum(tile[:, :, None] * q[None, :, :], axis=1)
+            acc += tl.dot(tile, q, input_precision="ieee")
         tl.store(
             p_ptr + b * n * r + rows[:, None] * r + cols_r[None, :],
             acc,
@@ -76,16 +73,15 @@ if triton is not None:
 
     @triton.jit
     def _mt_times_p(
-        m_ptr, p_ptr, part_ptr, n, m, r, m_batch, m_row, rows_per_split,
-        BN: tl.constexpr, BM: tl.constexpr, R: tl.constexpr,
-    ):  # fmt: skip
+        m_ptr, p_ptr, part_ptr, n, m, r, m_batch, m_row, rows_per_split, BN: tl.constexpr, BM: tl.constexpr
+    ):
         """partial[s, b, cols] = M[b, rows of split s, cols]^T @ P[b, rows of split s]."""
         cols = tl.program_id(0) * BM + tl.arange(0, BM)
         s = tl.program_id(1)
         b = tl.program_id(2)
         batches = tl.num_programs(2)
-        cols_r = tl.arange(0, R)
-        acc = tl.zeros((BM, R), dtype=tl.float32)
+        cols_r = tl.arange(0, 16)
+        acc = tl.zeros((BM, 16), dtype=tl.float32)
         first = s * rows_per_split
         for n0 in range(first, first + rows_per_split, BN):
             rows = n0 + tl.arange(0, BN)
@@ -100,9 +96,9 @@ if triton is not None:
                 mask=in_rows[:, None] & (cols_r[None, :] < r),
                 other=0.0,
             )
-            acc += tl.sum(tile[:, :, None] * p[:, None, :], axis=0)
+            acc += tl.dot(tl.trans(tile), p, input_precision="ieee")
         tl.store(
-            part_ptr + ((s * batches + b) * m + cols[:, None]) * R + cols_r[None, :],
+            part_ptr + ((s * batches + b) * m + cols[:, None]) * 16 + cols_r[None, :],
             acc,
             mask=cols[:, None] < m,
         )
@@ -111,26 +107,28 @@ if triton is not None:
     def _decompress(
         m_ptr, e_ptr, p_ptr, q_ptr, n, m, r, m_batch, m_row, e_batch, BN: tl.constexpr, BM: tl.constexpr
     ):
-        """E = M - P Q^T (when E is given) and M = P Q^T, for one BN x BM tile: r outer products."""
+        """E = M - P Q^T (when E is given) and M = P Q^T, for one BN x BM tile."""
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         cols = tl.program_id(1) * BM + tl.arange(0, BM)
         b = tl.program_id(2)
-        approx = tl.zeros((BN, BM), dtype=tl.float32)
-        for j in range(r):
-            p = tl.load(p_ptr + b * n * r + rows * r + j, mask=rows < n, other=0.0)
-            q = tl.load(q_ptr + b * m * r + cols * r + j, mask=cols < m, other=0.0)
-            approx += p[:, None] * q[None, :]
+        cols_r = tl.arange(0, 16)
+        p = tl.load(
+            p_ptr + b * n * r + rows[:, None] * r + cols_r[None, :],
+            mask=(rows[:, None] < n) & (cols_r[None, :] < r),
+            other=0.0,
+        )
+        q = tl.load(
+            q_ptr + b * m * r + cols[:, None] * r + cols_r[None, :],
+            mask=(cols[:, None] < m) & (cols_r[None, :] < r),
+            other=0.0,
+        )
+        approx = tl.dot(p, tl.trans(q), input_precision="ieee")
         inside = (rows[:, None] < n) & (cols[None, :] < m)
         at = rows[:, None] * m_row + cols[None, :]
         if e_ptr is not None:
             grad = tl.load(m_ptr + b * m_batch + at, mask=inside, other=0.0)
             tl.store(e_ptr + b * e_batch + at, grad - approx, mask=inside)
         tl.store(m_ptr + b * m_batch + at, approx, mask=inside)
-
-
-def _padded(r: int) -> int:
-    """The rank rounded up to a power of two (Triton's block shapes), at least 2."""
-    return max(2, 1 << (r - 1).bit_length())
 
 
 @functools.cache
@@ -150,9 +148,8 @@ def m_times_q(matrices: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> Non
     b, n, m = matrices.shape
     rows, cols, warps = TILES["p"]
     strides = matrices.stride(0), matrices.stride(1)
-    r = q.shape[2]
     _m_times_q[(triton.cdiv(n, rows), b)](
-        matrices, q, out, n, m, r, *strides, BN=rows, BK=cols, R=_padded(r), num_warps=warps
+        matrices, q, out, n, m, q.shape[2], *strides, BN=rows, BK=cols, num_warps=warps
     )
 
 
@@ -169,11 +166,11 @@ def mt_times_p(matrices: torch.Tensor, p: torch.Tensor, out: torch.Tensor) -> No
     splits = max(1, min(triton.cdiv(n, block_rows), 2 * _sm_count(matrices.device) // (col_blocks * b)))
     rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_rows) * block_rows
     splits = triton.cdiv(n, rows_per_split)
-    partial = torch.empty(splits, b, m, _padded(r), dtype=torch.float32, device=matrices.device)
+    partial = torch.empty(splits, b, m, 16, dtype=torch.float32, device=matrices.device)
     grid = (col_blocks, splits, b)
     _mt_times_p[grid](
         matrices, p, partial, n, m, r, matrices.stride(0), matrices.stride(1), rows_per_split,
-        BN=block_rows, BM=cols, R=_padded(r), num_warps=warps,
+        BN=block_rows, BM=cols, num_warps=warps,
     )  # fmt: skip
     torch.sum(partial[..., :r], dim=0, out=out)
 
