@@ -18,6 +18,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 GEMM_WORDS = ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk", "scaled_mm", "triton_tem")
 ATTENTION_WORDS = ("flash", "fmha", "sdpa", "attention", "attn")
 
@@ -96,16 +98,7 @@ def gemms() -> None:
     """Forward and both backward GEMMs of each block Linear, bf16 against tensorwise fp8 (_scaled_mm)."""
     import torch
 
-    def timed(fn, reps: int = 30) -> float:
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
+    from bench.cuda_timing import device_ms as timed
 
     print(torch.cuda.get_device_name(), torch.__version__)
     print(

@@ -14,22 +14,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.cuda_timing import device_ms  # noqa: E402
 from launcher.parallel import powersgd_kernels as k  # noqa: E402
 
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50304, 768)]
 R = 4
 
 
-def timed(fn, reps: int = 40) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
+def timed(fn) -> float:
+    """Device us per call."""
+    return device_ms(fn, reps=40) * 1e3
 
 
 def main() -> None:
