@@ -38,11 +38,40 @@ the outputs of all but the top layer are kept too; 256 bytes on top. Probe (H100
 bytes, GRU 100,663,552, tanh RNN 16,777,472; two-layer LSTM 184,549,632; LSTM with proj 512
 109,052,160; halving the batch or the width halves each (less 256)."""
 RESERVE_PAD_BYTES = 256
-RNN_WORKSPACE_BYTES = {"fp32": 30, "lstm_one_layer": 48, "rnn": 34, "gru_lstm": 18}
-"""cuDNN's workspace while an RNN's forward runs (its backward takes about as much twice, one at a
-time), bytes per (batch, step, hidden unit, direction). Probe: fp32 29-34 for every mode (233 MiB at
-32 x 256 x 1024); in fp16 the algorithm differs by mode: a one-layer one-direction LSTM without
-projection 47 (376 MiB), a tanh RNN 33-34, a GRU or any other LSTM 15-18."""
+RNN_WORKSPACE_BYTES = {
+    ("lstm", False): (30, 0),
+    ("lstm", True): (48, 0),
+    ("lstm_layers", False): (24.3, 320),
+    ("lstm_layers", True): (11.6, 192),
+    ("lstm_bidir", False): (30.3, 320),
+    ("lstm_bidir", True): (15.2, 168),
+    ("lstm_proj", False): (26.1, 136),
+    ("lstm_proj", True): (12.5, 84),
+    ("gru", False): (24.1, 128),
+    ("gru", True): (12.0, 80),
+    ("rnn", False): (23.0, 64),
+    ("rnn", True): (30.0, 48),
+}
+"""cuDNN's workspace while an RNN call runs (forward, and again in each of backward's two kernels),
+by kind and half precision: (bytes per batch x step x hidden unit x direction, bytes per step x hidden
+unit). The second part does not grow with the batch. Probe (H100, cuDNN 9.19, `bench/probe_memory.py
+rnn`, 256 steps; batch 32 and 16 at width 1024, batch 32 at 512), reading each forward's transient plus
+the weight buffer it returns (an input, not new) less its copy of the input: e.g. a two-layer fp32
+LSTM 274.5 MiB at batch 32 and 177.25 at 16 (the latter also in a training run's allocator history).
+A one-layer LSTM (30 / 48 bytes) was calibrated at batch 32-64 only."""
+
+
+def _rnn_workspace_kind(geometry: tuple) -> str:
+    mode, layers, directions, hidden, out_size, _ = geometry
+    if mode == "gru":
+        return "gru"
+    if mode != "lstm":
+        return "rnn"
+    if directions > 1:
+        return "lstm_bidir"
+    if layers > 1:
+        return "lstm_layers"
+    return "lstm_proj" if out_size != hidden else "lstm"
 
 
 def attention_backend(
@@ -179,15 +208,16 @@ def _rnn_reserve_bytes(geometry: tuple, batch: int, steps: int, itemsize: int) -
 
 
 def _rnn_workspace_bytes(geometry: tuple, batch: int, steps: int, dtype: torch.dtype) -> int:
-    """RNN_WORKSPACE_BYTES of the algorithm cuDNN picks: by dtype, then by mode and shape."""
-    mode, layers, directions, hidden, out_size, _ = geometry
-    if dtype not in LOW_PRECISION:
-        kind = "fp32"
-    elif mode == "lstm" and layers == 1 and directions == 1 and out_size == hidden:
-        kind = "lstm_one_layer"
-    else:
-        kind = "rnn" if mode.startswith("rnn") else "gru_lstm"
-    return batch * steps * hidden * directions * RNN_WORKSPACE_BYTES[kind]
+    """RNN_WORKSPACE_BYTES of the algorithm cuDNN picks for this kind of RNN and dtype."""
+    _, _, directions, hidden, _, _ = geometry
+    per_unit, per_step_unit = RNN_WORKSPACE_BYTES[(_rnn_workspace_kind(geometry), dtype in LOW_PRECISION)]
+    return int(per_unit * batch * steps * hidden * directions + per_step_unit * steps * hidden)
+
+
+def _batch_first_copy(tensor: torch.Tensor | None, batch_first: bool) -> torch.Tensor | None:
+    """aten's cuDNN RNN kernels take (steps, batch, features) contiguous: a batch-first input, output
+    gradient (backward) is copied for the duration of the call (aten's transpose + contiguous)."""
+    return torch.empty_like(tensor) if batch_first and tensor is not None else None
 
 
 class _CudnnRNN(torch.autograd.Function):
@@ -205,13 +235,15 @@ class _CudnnRNN(torch.autograd.Function):
         out_shape = (
             (batch, steps, out_size * directions) if batch_first else (steps, batch, out_size * directions)
         )
+        x_copy = _batch_first_copy(x, batch_first)
         out = torch.empty(out_shape, dtype=dtype)
         h = torch.empty((layers * directions, batch, out_size), dtype=dtype)
         c = torch.empty((layers * directions, batch, hidden), dtype=dtype) if c0 is not None else None
         ctx.workspace_bytes = _rnn_workspace_bytes(geometry, batch, steps, dtype)  # backward takes it twice
         workspace = torch.empty(ctx.workspace_bytes, dtype=torch.uint8)
         reserve = torch.empty(_rnn_reserve_bytes(geometry, batch, steps, x.element_size()), dtype=torch.uint8)
-        del workspace
+        del workspace, x_copy
+        ctx.batch_first = batch_first
         ctx.has_c = c0 is not None
         saved_c0 = [c0] if c0 is not None else []
         ctx.save_for_backward(x, h0, *saved_c0, out, reserve, *([flat] if flat is not None else []))
@@ -223,15 +255,18 @@ class _CudnnRNN(torch.autograd.Function):
         saved = ctx.saved_tensors  # reserve and output stay alive while backward runs
         x, h0 = saved[:2]
         c0 = saved[2] if ctx.has_c else None
-        # aten's order: the input gradients, a workspace while that kernel runs; then the weights'
-        # gradients (one flat buffer) and a workspace again while theirs runs.
+        # aten's order: (batch-first) copies of the input and output gradient, the input gradients, a
+        # workspace while that kernel runs; then a copy of the input, the weights' gradients (one flat
+        # buffer) and a workspace again while theirs runs.
+        copies = [_batch_first_copy(x, ctx.batch_first), _batch_first_copy(grad_out, ctx.batch_first)]
         grad_x, grad_h = torch.empty_like(x), torch.empty_like(h0)
         grad_c = torch.empty_like(c0) if c0 is not None else None
         workspace = torch.empty(ctx.workspace_bytes, dtype=torch.uint8)
-        del workspace
+        del workspace, copies
+        x_copy = _batch_first_copy(x, ctx.batch_first)
         flat_grad = torch.empty(sum(math.prod(shape) for shape, _ in ctx.shapes), dtype=x.dtype)
         workspace = torch.empty(ctx.workspace_bytes, dtype=torch.uint8)
-        del workspace
+        del workspace, x_copy
         grads, offset = [], 0
         for shape, dtype in ctx.shapes:  # views of the flat buffer (copies when autocast cast them)
             n = math.prod(shape)
