@@ -230,8 +230,9 @@ class _CudnnRNN(torch.autograd.Function):
         flat = (
             torch.empty(sum(w.numel() for w in weights), dtype=dtype) if dtype != weights[0].dtype else None
         )
-        # In aten's _cudnn_rnn order: the outputs, then the workspace, then the reserve; the workspace
-        # is freed when the kernel returns, so all of them are alive together while it runs.
+        # In aten's _cudnn_rnn order: the (steps, batch) copy of a batch-first input, the outputs, the
+        # workspace, the reserve; the copy and the workspace are freed when the kernel returns, so all
+        # of them are alive together while it runs.
         out_shape = (
             (batch, steps, out_size * directions) if batch_first else (steps, batch, out_size * directions)
         )
