@@ -158,6 +158,12 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
         --only lstm2_fp32_ac_mb16 --snapshot lstm2_fp32_ac_mb16 --snapshot-dir "$out/snaps"
       step lstm2_growth 120 python3 bench/reserved_growth.py lstm2_fp32_ac_mb16 \
         --snapshot "$out/snaps/lstm2_fp32_ac_mb16.pickle.gz" ;;
+    rnn_confirm)  # every recurrent case against the estimate (the workspace's two parts, aten's copies)
+      step rnn_cells 120 python3 bench/bench_memory.py --suite rnn --jobs 3 --steps 4 --out "$out/rnn.jsonl"
+      step rnn_heldout 120 python3 bench/bench_memory.py --suite heldout --jobs 2 --steps 4 \
+        --only lstm_bf16_mb32,lstm_fp32_ac_mb32 --out "$out/rnn_heldout.jsonl"
+      step rnn_heldout2 120 python3 bench/bench_memory.py --suite heldout2 --jobs 2 --steps 4 \
+        --only lstm_fp32_mb32,lstm_bf16_ac_mb64 --out "$out/rnn_heldout2.jsonl" ;;
     peaks)
       step peaks 150 python3 bench/probe_peak.py lstm_fp32_ac_mb32 lstm_bf16_ac_mb64 conv_fp32_sgd_ac_mb64 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
