@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher.parallel import powersgd_kernels
+import launcher.parallel.powersgd_kernels as powersgd_kernels
 from launcher.parallel.bucket_graphs import SegmentGraphs
 
 log = logging.getLogger(__name__)
