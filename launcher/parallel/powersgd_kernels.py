@@ -30,17 +30,11 @@ def available(matrices: torch.Tensor, rank: int) -> bool:
     """These kernels can run on `matrices` (a (b, n, m) fp32 CUDA tensor, rows contiguous) at `rank`."""
     return (
         triton is not None
-        and (matrices.is_cuda or _interpreted())
+        and matrices.is_cuda
         and matrices.dtype == torch.float32
         and matrices.stride(2) == 1
         and rank <= MAX_RANK
     )
-
-
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
@@ -133,8 +127,6 @@ if triton is not None:
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 

@@ -134,3 +134,16 @@ def test_config_dir_adds_user_overlays(tmp_path):
     assert (job.cfg.train.steps, job.cfg.optim.lr) == (7, 0.02)
     with pytest.raises(ConfigError, match="use --config-dir"):
         cli.parse_argv(["--config-path", str(tmp_path)])
+
+
+def test_powersgd_triton_kernels_reaches_the_hook_state_and_rejects_non_booleans():
+    from launcher.parallel.comm_hooks import build_comm_hook
+
+    (job,) = compose("comm_hook=powersgd", "comm_hook.triton_kernels=false")
+    assert job.cfg.comm_hook.triton_kernels is False
+    assert build_comm_hook(job.cfg.comm_hook, None, False).powersgd.triton_kernels is False
+    (job,) = compose("comm_hook=powersgd")
+    assert build_comm_hook(job.cfg.comm_hook, None, False).powersgd.triton_kernels is True
+    with pytest.raises(ConfigError) as err:
+        compose("comm_hook=powersgd", "comm_hook.triton_kernels=maybe")
+    assert err.value.field == "comm_hook.triton_kernels"
