@@ -79,9 +79,9 @@ PY
       step hooks 100 python3 bench/bench_speed.py --only-hook-cost --hand-steps 20 \
         --hooks ddp_no_hook,fp16,fp16_builtin,powersgd_r4_ours ;;
     hooks_kernels)  # PowerSGD's products as Triton kernels against torch.bmm; the kernels' GPU test first
-      step hooks_kernels_test 120 python3 -m pytest -q -x tests/gpu -k powersgd
-      step hooks_kernels 200 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
-        --hooks ddp_no_hook,fp16,powersgd_r4_ours_bmm,powersgd_r4_ours ;;
+      step hooks_kernels_test 90 python3 -m pytest -q -x tests/gpu -k powersgd
+      step hooks_kernels 150 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
+        --hooks ddp_no_hook,fp16,fp16_back_async,powersgd_r4_ours_bmm,powersgd_r4_ours ;;
     hooks_tiles)  # PowerSGD's Triton products: tile sizes against bmm (GPT-2-small's matrices, rank 4)
       step hooks_tiles 120 python3 bench/probe_powersgd_kernels.py ;;
     hooks_profile)  # kernels and time per step by kernel: where a hook's step time goes
@@ -128,6 +128,11 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
         gzip -c /tmp/share_$name/profile/rank0_step*.json > "$out/trace_$name.json.gz"
       done
       step fp8_share 60 python3 bench/probe_fp8_share.py traces "${pairs[@]}" ;;
+    fp8_mb)  # larger micro-batches at 4096 x 8 and 2048 x 8: the per-step costs (optimizer, weight casts) weigh less
+      step fp8_mb 400 python3 bench/bench_speed.py --steps 30 \
+        --cases d4096x8_mb16_bf16,d4096x8_mb16_fp8_tensorwise_head,d4096x8_mb16_fp8_tensorwise ;;
+    fp8_mb2048)
+      step fp8_mb2048 400 python3 bench/bench_speed.py --steps 30 --cases d2048_mb32_bf16,d2048_mb32_fp8_tensorwise ;;
     fp8_deep)  # d 4096 with 8 blocks: fp8 against bf16 where the head weighs less (issue 20 target 4)
       step fp8_deep 420 python3 bench/bench_speed.py --steps 40 \
         --cases d4096x8_bf16,d4096x8_fp8_tensorwise,d4096x8_fp8_tensorwise_head ;;
