@@ -341,12 +341,8 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
         PowerSGDConfig,
         PowerSGDImpl,
     )
-    from launcher.parallel.comm_hooks import CastState, build_comm_hook, cast_compress_hook
+    from launcher.parallel.comm_hooks import build_comm_hook
     from launcher.parallel.powersgd import BatchedPowerSGDState, powersgd_hook
-
-    def fp16_back_async_hook(state, bucket):  # bench-only candidate, see "fp16_back_async"
-        buffer = bucket.buffer()
-        return cast_compress_hook(state, bucket).then(lambda fut: buffer.copy_(fut.value()))
 
     dist.init_process_group(
         "nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda:0")
@@ -377,10 +373,6 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
         # DDP's C++ fp16 hook: no Python callback per bucket (is the host side what costs?)
         "fp16_builtin": "builtin",
         "bf16": lambda: build_comm_hook(BF16CommHookConfig(), None, False),
-        # candidate: the half-precision mean copied back into the bucket by the all-reduce's callback
-        # (a pool stream, overlapped with backward), so DDP finds its own buffer and skips its 148
-        # per-parameter copies at the end of backward
-        "fp16_back_async": lambda: (fp16_back_async_hook, CastState(None, torch.float16)),
         "powersgd_r4_torch": lambda: build_comm_hook(
             PowerSGDConfig(**psgd, impl=PowerSGDImpl.torch), None, False
         ),

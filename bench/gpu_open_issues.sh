@@ -81,7 +81,7 @@ PY
     hooks_kernels)  # PowerSGD's products as Triton kernels against torch.bmm; the kernels' GPU test first
       step hooks_kernels_test 90 python3 -m pytest -q -x tests/gpu -k powersgd
       step hooks_kernels 150 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
-        --hooks ddp_no_hook,fp16,fp16_back_async,powersgd_r4_ours_bmm,powersgd_r4_ours ;;
+        --hooks ddp_no_hook,fp16,powersgd_r4_ours_bmm,powersgd_r4_ours ;;
     hooks_tiles)  # PowerSGD's Triton products: tile sizes against bmm (GPT-2-small's matrices, rank 4)
       step hooks_tiles 120 python3 bench/probe_powersgd_kernels.py ;;
     hooks_profile)  # kernels and time per step by kernel: where a hook's step time goes
