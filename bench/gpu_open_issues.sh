@@ -128,7 +128,7 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
         gzip -c /tmp/share_$name/profile/rank0_step*.json > "$out/trace_$name.json.gz"
       done
       step fp8_share 60 python3 bench/probe_fp8_share.py traces "${pairs[@]}" ;;
-    fp8_mb)  # larger micro-batches at 4096 x 8 and 2048 x 8: the per-step costs (optimizer, weight casts) weigh less
+    fp8_mb)  # micro-batch 16 at 4096 x 8: the per-step costs (optimizer, weight casts) weigh less (fp8_mb2048: mb 32 at 2048)
       step fp8_mb 400 python3 bench/bench_speed.py --steps 30 \
         --cases d4096x8_mb16_bf16,d4096x8_mb16_fp8_tensorwise_head,d4096x8_mb16_fp8_tensorwise ;;
     fp8_mb2048)
