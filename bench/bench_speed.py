@@ -334,6 +334,7 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from launcher.config.auto import BUCKET_CAP_MB
     from launcher.config.schema import (
         BF16CommHookConfig,
         DDPConfig,
@@ -405,7 +406,7 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
         ddp = DDP(
             model,
             device_ids=[0],
-            bucket_cap_mb=100.0 if name.endswith("_b100") else ddp_cfg.bucket_cap_mb,
+            bucket_cap_mb=100.0 if name.endswith("_b100") else BUCKET_CAP_MB,
             gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
         )
         hand_step(ddp, optimizer, x, y)  # settles DDP's buckets before a stateful hook exists

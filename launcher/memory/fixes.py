@@ -53,7 +53,7 @@ def candidate_changes(cfg: Config, recipe_class: type, world_size: int) -> list[
     elif isinstance(cfg.parallel, DDPConfig) and world_size >= 2 and world_size % 2 == 0:
 
         def to_pipeline(c: Config) -> None:
-            c.parallel = PipelineConfig(pp=2)
+            c.parallel = PipelineConfig(pp=2, bucket_cap_mb=cfg.parallel.bucket_cap_mb)
 
         def to_fsdp(c: Config) -> None:
             c.parallel = FSDPConfig()
