@@ -330,7 +330,9 @@ def profile_hook(name: str, step, steps: int) -> None:
         subprocess.run(["gzip", "-f", str(plain)], check=True)
 
 
-def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int = 0) -> list[dict]:
+def run_hook_cost(
+    steps: int, only: list[str] | None = None, profile_steps: int = 0, rounds: int = 1
+) -> list[dict]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -389,39 +391,48 @@ def run_hook_cost(steps: int, only: list[str] | None = None, profile_steps: int 
         "powersgd_r8_ours": ours(8),
     }
     x, y = batches()
-    results = []
-    model, optimizer = build_hand(compile_model=False)
-    plain = time_steps(partial(hand_step, model, optimizer, x, y), warmup=5, steps=steps)
-    results.append({"case": "no_ddp", "step_time_s": plain, "overhead": 0.0})
-    model = optimizer = None
-    for name, make in hooks.items():
-        if only is not None and name not in only:
-            continue
-        torch.cuda.empty_cache()
+    rounds_ms: dict[str, list[float]] = {}
+    for _ in range(rounds):  # interleaved: drift on the machine hits every case alike
         model, optimizer = build_hand(compile_model=False)
-        # DDP as the launcher builds it (launcher/parallel/ddp.py): gradients are views into the buckets,
-        # so DDP copies nothing in or out of them. torch's default (no views) adds two passes over the
-        # gradients to every case here, with or without a hook.
-        ddp_cfg = DDPConfig()
-        ddp = DDP(
-            model,
-            device_ids=[0],
-            bucket_cap_mb=100.0 if name.endswith("_b100") else BUCKET_CAP_MB,
-            gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
-        )
-        hand_step(ddp, optimizer, x, y)  # settles DDP's buckets before a stateful hook exists
-        if make == "builtin":
-            ddp._register_builtin_comm_hook(dist.BuiltinCommHookType.FP16_COMPRESS)
-        elif make is not None:
-            made = make()
-            hook, state = (made.hook, made.state) if hasattr(made, "hook") else made
-            ddp.register_comm_hook(state, hook)
-        check_grads_match_plain(ddp, optimizer, x, y, name)
-        step_s = time_steps(partial(hand_step, ddp, optimizer, x, y), warmup=5, steps=steps)
-        results.append({"case": name, "step_time_s": step_s, "overhead": step_s / plain - 1})
-        if profile_steps:
-            profile_hook(name, partial(hand_step, ddp, optimizer, x, y), profile_steps)
-        ddp = model = optimizer = None
+        plain = time_steps(partial(hand_step, model, optimizer, x, y), warmup=5, steps=steps)
+        rounds_ms.setdefault("no_ddp", []).append(plain)
+        model = optimizer = None
+        for name, make in hooks.items():
+            if only is not None and name not in only:
+                continue
+            torch.cuda.empty_cache()
+            model, optimizer = build_hand(compile_model=False)
+            # DDP as the launcher builds it (launcher/parallel/ddp.py): gradients are views into the
+            # buckets, so DDP copies nothing in or out of them. torch's default (no views) adds two
+            # passes over the gradients to every case here, with or without a hook.
+            ddp_cfg = DDPConfig()
+            ddp = DDP(
+                model,
+                device_ids=[0],
+                bucket_cap_mb=100.0 if name.endswith("_b100") else BUCKET_CAP_MB,
+                gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
+            )
+            hand_step(ddp, optimizer, x, y)  # settles DDP's buckets before a stateful hook exists
+            if make == "builtin":
+                ddp._register_builtin_comm_hook(dist.BuiltinCommHookType.FP16_COMPRESS)
+            elif make is not None:
+                made = make()
+                hook, state = (made.hook, made.state) if hasattr(made, "hook") else made
+                ddp.register_comm_hook(state, hook)
+            check_grads_match_plain(ddp, optimizer, x, y, name)
+            step_s = time_steps(partial(hand_step, ddp, optimizer, x, y), warmup=5, steps=steps)
+            rounds_ms.setdefault(name, []).append(step_s)
+            if profile_steps:
+                profile_hook(name, partial(hand_step, ddp, optimizer, x, y), profile_steps)
+            ddp = model = optimizer = None
+    plain = statistics.median(rounds_ms["no_ddp"])
+    results = []
+    for name, times in rounds_ms.items():  # each case's median round against the plain loop's median
+        step_s = statistics.median(times)
+        result = {"case": name, "step_time_s": step_s, "overhead": step_s / plain - 1}
+        if rounds > 1:
+            result["rounds_overhead"] = [round(t / p - 1, 4) for t, p in zip(times, rounds_ms["no_ddp"])]
+        results.append(result)
     agreement = (
         (True, False, "graphs_vs_eager"),
         (False, False, "eager_vs_eager"),
@@ -515,12 +526,13 @@ def print_tables(results: list[dict], hook_results: list[dict], steps: int) -> N
             f"| {loss} | {first} |"
         )
     if hook_results:
-        print("\n| hook (one-rank NCCL DDP) | step ms | vs no DDP |\n| --- | --- | --- |")
+        print("\n| hook (one-rank NCCL DDP) | step ms | vs no DDP | each round |\n| --- | --- | --- | --- |")
         for r in hook_results:
             if "value" in r:
                 print(f"\n{r['case']}: {r['value']:.2e}")
             else:
-                print(f"| {r['case']} | {r['step_time_s'] * 1e3:.1f} | {r['overhead']:+.1%} |")
+                each = " ".join(f"{o:+.1%}" for o in r.get("rounds_overhead", []))
+                print(f"| {r['case']} | {r['step_time_s'] * 1e3:.1f} | {r['overhead']:+.1%} | {each} |")
 
 
 def main() -> None:
@@ -569,7 +581,7 @@ def main() -> None:
     results = [_median_run(rs) for rs in runs.values()]
     only = args.hooks.split(",") if args.hooks else None
     hook_results = (
-        run_hook_cost(args.hand_steps, only, args.profile_hooks)
+        run_hook_cost(args.hand_steps, only, args.profile_hooks, args.repeat)
         if args.hook_cost or args.only_hook_cost
         else []
     )
