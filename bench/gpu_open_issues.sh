@@ -134,6 +134,9 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
     fp8_mb)  # micro-batch 16 at 4096 x 8: the per-step costs (optimizer, weight casts) weigh less (fp8_mb2048: mb 32 at 2048)
       step fp8_mb 400 python3 bench/bench_speed.py --steps 30 \
         --cases d4096x8_mb16_bf16,d4096x8_mb16_fp8_tensorwise_head,d4096x8_mb16_fp8_tensorwise ;;
+    fp8_mb_head)  # fp8_mb's two cases that matter: bf16, and fp8 with the head in fp8 (the fastest so far)
+      step fp8_mb_head 320 python3 bench/bench_speed.py --steps 30 \
+        --cases d4096x8_mb16_bf16,d4096x8_mb16_fp8_tensorwise_head ;;
     fp8_mb2048)
       step fp8_mb2048 400 python3 bench/bench_speed.py --steps 30 --cases d2048_mb32_bf16,d2048_mb32_fp8_tensorwise ;;
     fp8_deep)  # d 4096 with 8 blocks: fp8 against bf16 where the head weighs less (issue 20 target 4)
