@@ -395,40 +395,46 @@ def run_hook_cost(
     }
     x, y = batches()
     rounds_ms: dict[str, list[float]] = {}
+    failed: set[str] = set()
     for _ in range(rounds):  # interleaved: drift on the machine hits every case alike
         model, optimizer = build_hand(compile_model=False)
         plain = time_steps(partial(hand_step, model, optimizer, x, y), warmup=5, steps=steps)
         rounds_ms.setdefault("no_ddp", []).append(plain)
         model = optimizer = None
         for name, make in hooks.items():
-            if only is not None and name not in only:
+            if (only is not None and name not in only) or name in failed:
                 continue
-            torch.cuda.empty_cache()
-            model, optimizer = build_hand(compile_model=False)
-            # DDP as the launcher builds it (launcher/parallel/ddp.py): gradients are views into the
-            # buckets, so DDP copies nothing in or out of them. torch's default (no views) adds two
-            # passes over the gradients to every case here, with or without a hook.
-            ddp_cfg = DDPConfig()
-            ddp = DDP(
-                model,
-                device_ids=[0],
-                bucket_cap_mb=100.0 if name.endswith("_b100") else BUCKET_CAP_MB,
-                gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
-                static_graph=name.endswith("_static"),
-            )
-            hand_step(ddp, optimizer, x, y)  # settles DDP's buckets before a stateful hook exists
-            if make == "builtin":
-                ddp._register_builtin_comm_hook(dist.BuiltinCommHookType.FP16_COMPRESS)
-            elif make is not None:
-                made = make()
-                hook, state = (made.hook, made.state) if hasattr(made, "hook") else made
-                ddp.register_comm_hook(state, hook)
-            check_grads_match_plain(ddp, optimizer, x, y, name)
-            step_s = time_steps(partial(hand_step, ddp, optimizer, x, y), warmup=5, steps=steps)
-            rounds_ms.setdefault(name, []).append(step_s)
-            if profile_steps:
-                profile_hook(name, partial(hand_step, ddp, optimizer, x, y), profile_steps)
-            ddp = model = optimizer = None
+            try:
+                torch.cuda.empty_cache()
+                model, optimizer = build_hand(compile_model=False)
+                # DDP as the launcher builds it (launcher/parallel/ddp.py): gradients are views into the
+                # buckets, so DDP copies nothing in or out of them. torch's default (no views) adds two
+                # passes over the gradients to every case here, with or without a hook.
+                ddp_cfg = DDPConfig()
+                ddp = DDP(
+                    model,
+                    device_ids=[0],
+                    bucket_cap_mb=100.0 if name.endswith("_b100") else BUCKET_CAP_MB,
+                    gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
+                    static_graph=name.endswith("_static"),
+                )
+                hand_step(ddp, optimizer, x, y)  # settles DDP's buckets before a stateful hook exists
+                if make == "builtin":
+                    ddp._register_builtin_comm_hook(dist.BuiltinCommHookType.FP16_COMPRESS)
+                elif make is not None:
+                    made = make()
+                    hook, state = (made.hook, made.state) if hasattr(made, "hook") else made
+                    ddp.register_comm_hook(state, hook)
+                check_grads_match_plain(ddp, optimizer, x, y, name)
+                step_s = time_steps(partial(hand_step, ddp, optimizer, x, y), warmup=5, steps=steps)
+                rounds_ms.setdefault(name, []).append(step_s)
+                if profile_steps:
+                    profile_hook(name, partial(hand_step, ddp, optimizer, x, y), profile_steps)
+                ddp = model = optimizer = None
+            except Exception as err:  # noqa: BLE001 - one failing case must not cost the others
+                print(f"{name}: failed: {err!r}", file=sys.stderr)
+                failed.add(name)
+                ddp = model = optimizer = None
     plain = statistics.median(rounds_ms["no_ddp"])
     results = []
     for name, times in rounds_ms.items():  # each case's median round against the plain loop's median
