@@ -1,4 +1,5 @@
-"""train.compile=auto and parallel.bucket_cap_mb=auto resolve while the config is composed (launcher/config/auto.py), as documented."""
+"""train.compile=auto and parallel.bucket_cap_mb=auto resolve while the config is composed
+(launcher/config/auto.py), as documented."""
 
 from __future__ import annotations
 
