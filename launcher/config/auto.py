@@ -22,9 +22,11 @@ BUCKET_CAP_MB = 25.0
 """`parallel.bucket_cap_mb=auto` without PowerSGD: torch's default, small enough to overlap the first
 all-reduce with the rest of backward."""
 POWERSGD_BUCKET_CAP_MB = 100.0
-"""`parallel.bucket_cap_mb=auto` with PowerSGD: each bucket orthonormalises its factors once (a few small
-kernels), so 4x fewer buckets cost less. Measured on one H100 (GPT-2-small, mb 16, one-rank NCCL group,
-bench/RESULTS.md): PowerSGD r4 costs +X% of a step with 100 MB buckets, +5.3% with 25 MB."""
+"""`parallel.bucket_cap_mb=auto` with PowerSGD: each bucket pays a fixed host and orthonormalisation cost
+(~0.1 ms of host work, a dozen small dependent kernels), so 4x fewer buckets cost less, and PowerSGD's
+compressed all-reduce has less to overlap. Measured on one H100 (GPT-2-small, mb 16, one-rank NCCL group,
+bench/RESULTS.md, the torch.bmm products of then): PowerSGD r4 +8.1% of a step with 100 MB buckets,
++10.1% with 25 MB, in one call. To re-measure with today's kernels: part hooks_repeat."""
 
 ON, OFF, AUTO = "true", "false", "auto"
 COMPILE_CHOICES = (AUTO, ON, OFF)
