@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 
 from launcher.config.schema import Config, DDPConfig, PipelineConfig, PowerSGDConfig
+from launcher.errors import ConfigError
+from launcher.memory.autobatch import is_auto
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +62,21 @@ def resolve_compile(cfg: Config, cuda: bool) -> str | None:
 
 
 def resolve_bucket_cap(cfg: Config) -> str | None:
-    """Set parallel.bucket_cap_mb from auto (PowerSGD's or torch's size); return why, for the log, when the
-    launcher chose. Other values (numbers, or strings validation will refuse) are left as they are."""
+    """Set parallel.bucket_cap_mb from auto (PowerSGD's or torch's size), or a given number to a float;
+    return why, for the log, when the launcher chose.
+
+    Raises:
+        ConfigError: a value that is neither auto nor a number.
+    """
     parallel = cfg.parallel
     if not isinstance(parallel, (DDPConfig, PipelineConfig)):
         return None
-    if isinstance(parallel.bucket_cap_mb, bool):
-        return None
-    if str(parallel.bucket_cap_mb).strip().lower() != AUTO:
-        try:  # a number given as a string ("50") becomes one; anything else is validation's to refuse
-            parallel.bucket_cap_mb = float(parallel.bucket_cap_mb)
-        except (TypeError, ValueError):
-            pass
+    value = parallel.bucket_cap_mb
+    if not is_auto(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            field = "parallel.bucket_cap_mb"
+            raise ConfigError(field, value, "must be a number > 0 or auto", f"e.g. {field}=25")
+        parallel.bucket_cap_mb = float(value)
         return None
     if isinstance(cfg.comm_hook, PowerSGDConfig):
         parallel.bucket_cap_mb, why = POWERSGD_BUCKET_CAP_MB, "PowerSGD orthonormalises once per bucket"

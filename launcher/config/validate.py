@@ -92,7 +92,7 @@ def check_config(cfg: Config, recipe_class: type, world_size: int) -> None:
     if isinstance(cfg.logger, WandbLoggerConfig) and not cfg.logger.project:
         raise ConfigError("logger.project", cfg.logger.project, "must not be empty")
     if isinstance(cfg.parallel, (DDPConfig, PipelineConfig)):
-        _positive_number("parallel.bucket_cap_mb", cfg.parallel.bucket_cap_mb, "or auto")
+        _positive("parallel.bucket_cap_mb", cfg.parallel.bucket_cap_mb)
     if train.activation_checkpointing is True and block_layout(recipe_class) is None:
         raise ConfigError(
             "train.activation_checkpointing",
@@ -156,13 +156,6 @@ def _at_least(field: str, value: float, minimum: float, note: str = "") -> None:
 def _positive(field: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(field, value, "must be > 0")
-
-
-def _positive_number(field: str, value: Any, alternative: str) -> None:
-    """A field typed Any for its `auto`: what is left after resolving must be a number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(field, value, f"must be a number > 0 {alternative}", f"e.g. {field}=25")
-    _positive(field, value)
 
 
 def recipe_name(recipe_class: type) -> str:
