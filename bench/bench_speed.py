@@ -336,7 +336,6 @@ def run_hook_cost(
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from launcher.config.auto import BUCKET_CAP_MB
     from launcher.config.schema import (
         BF16CommHookConfig,
         DDPConfig,
@@ -387,9 +386,6 @@ def run_hook_cost(
         # fewer, larger buckets: each bucket orthonormalises its P and Q once (~0.34 ms of small kernels)
         "ddp_no_hook_b100": None,
         "powersgd_r4_ours_b100": lambda: build_comm_hook(PowerSGDConfig(**psgd), None, False),
-        # DDP told its graph is the same every step (static_graph): does its per-step bookkeeping cost?
-        "ddp_no_hook_static": None,
-        "fp16_static": lambda: build_comm_hook(FP16CommHookConfig(), None, False),
         "powersgd_r1_ours": ours(1),
         "powersgd_r8_ours": ours(8),
     }
@@ -414,9 +410,8 @@ def run_hook_cost(
                 ddp = DDP(
                     model,
                     device_ids=[0],
-                    bucket_cap_mb=100.0 if name.endswith("_b100") else BUCKET_CAP_MB,
+                    bucket_cap_mb=100.0 if name.endswith("_b100") else ddp_cfg.bucket_cap_mb,
                     gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
-                    static_graph=name.endswith("_static"),
                 )
                 hand_step(ddp, optimizer, x, y)  # settles DDP's buckets before a stateful hook exists
                 if make == "builtin":

@@ -24,7 +24,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from launcher.config.auto import resolve_bucket_cap, resolve_compile
+from launcher.config.auto import resolve_compile
 from launcher.config.schema import GROUP_SCHEMAS, GROUPS, Config, register_schemas
 from launcher.config.validate import check_config, check_recipe, check_warmup
 from launcher.errors import ConfigError, config_object, did_you_mean, one_of
@@ -273,12 +273,9 @@ def _to_job(
     assert isinstance(config, Config), type(config)
     if cuda is None:
         cuda = torch.cuda.is_available()
-    for chose in (
-        resolve_compile(config, cuda(config) if callable(cuda) else cuda),
-        resolve_bucket_cap(config),
-    ):
-        if chose:
-            log.info("%s", chose)
+    chose = resolve_compile(config, cuda(config) if callable(cuda) else cuda)
+    if chose:
+        log.info("%s", chose)
     recipe_class = recipe_class_for(config.recipe)
     ranks = world_size if isinstance(world_size, int) else world_size(config)
     if size_for is None and needs_resolving(config):

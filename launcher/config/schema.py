@@ -274,9 +274,8 @@ class PrecisionConfig:
 
 @dataclass
 class DDPConfig:
-    bucket_cap_mb: Any = "auto"
-    """Gradient bucket size (MB) for DDP's overlapped all-reduce. auto: 25 (torch's default), or 100 with
-    comm_hook=powersgd, whose per-bucket orthonormalisation costs less in fewer, larger buckets."""
+    bucket_cap_mb: float = 25.0
+    """Gradient bucket size (MB) for DDP's overlapped all-reduce."""
     gradient_as_bucket_view: bool = True
     """Gradients alias the all-reduce buckets: saves one gradient-sized copy."""
     find_unused_parameters: bool = False
@@ -301,8 +300,8 @@ class PipelineConfig:
     split_points: list[str] = field(default_factory=list)
     """Explicit stage boundaries as the first block of each stage after the first, e.g.
     [blocks.4, blocks.8]; empty = balance blocks by parameter count (embeddings count zero)."""
-    bucket_cap_mb: Any = "auto"
-    """Bucket size (MB) of the gradient all-reduce over each stage's data-parallel group; auto as for ddp."""
+    bucket_cap_mb: float = 25.0
+    """Bucket size (MB) of the gradient all-reduce over each stage's data-parallel group."""
     dp_shard: int = 1
     """Shard each stage's parameters, gradients and optimizer state (FSDP2) over groups of this many of
     its data-parallel ranks (torchtitan's PP x FSDP); must divide parallel.dp. 1 = every replica holds

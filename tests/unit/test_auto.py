@@ -1,5 +1,4 @@
-"""train.compile=auto and parallel.bucket_cap_mb=auto resolve while the config is composed
-(launcher/config/auto.py), as documented."""
+"""train.compile=auto resolves while the config is composed (launcher/config/auto.py), as documented."""
 
 from __future__ import annotations
 
@@ -7,7 +6,7 @@ import pytest
 import yaml
 
 from launcher.config import cli
-from launcher.config.auto import BUCKET_CAP_MB, COMPILE_BREAK_EVEN_STEPS, POWERSGD_BUCKET_CAP_MB
+from launcher.config.auto import COMPILE_BREAK_EVEN_STEPS
 from launcher.errors import ConfigError
 from tests.conftest import TINY_GPT, assert_ok, launch
 
@@ -41,36 +40,10 @@ def test_compile_rejects_other_values():
     assert "train.compile=sometimes" in str(err.value) and "auto, true or false" in str(err.value)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "expected"),
-    [
-        ((), BUCKET_CAP_MB),
-        (("comm_hook=fp16",), BUCKET_CAP_MB),
-        (("comm_hook=powersgd",), POWERSGD_BUCKET_CAP_MB),  # fewer orthonormalisations
-        (("parallel=pipeline", "comm_hook=powersgd"), POWERSGD_BUCKET_CAP_MB),
-        (("parallel=pipeline",), BUCKET_CAP_MB),
-        (("comm_hook=powersgd", "parallel.bucket_cap_mb=40"), 40.0),  # the user's choice stands
-        (("parallel.bucket_cap_mb=AUTO",), BUCKET_CAP_MB),
-    ],
-)
-def test_bucket_cap_auto_resolves(overrides, expected):
-    cfg = compose("recipe=gpt", *overrides, cuda=False)
-    assert cfg.parallel.bucket_cap_mb == expected
-
-
-@pytest.mark.parametrize("value", ["big", "true", "-1", "0"])
-def test_bucket_cap_rejects_other_values(value):
-    with pytest.raises(ConfigError) as err:
-        compose("recipe=gpt", f"parallel.bucket_cap_mb={value}", cuda=False)
-    assert "parallel.bucket_cap_mb=" in str(err.value)
-    assert ("must be > 0" if value in ("-1", "0") else "must be a number > 0 or auto") in str(err.value)
-
-
 @pytest.mark.integration
 def test_config_yaml_records_what_auto_chose(tmp_path):
     result = launch([*TINY_GPT, "train.steps=1", "train.micro_batch_size=2"], tmp_path)
     assert_ok(result)
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert saved["train"]["compile"] == "false"  # no GPU here
-    assert saved["parallel"]["bucket_cap_mb"] == BUCKET_CAP_MB
     assert "train.compile=auto -> false" in result.output
