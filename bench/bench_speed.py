@@ -114,6 +114,9 @@ FP8_CASES = {
     "d4096x8_mb16_fp8_tensorwise_head": (_width(4096, 8, 32, 16) + [*FP8, "precision.fp8_head=true"], True),
     "d2048_mb32_bf16": (_width(2048, 8, 16, 32), True),
     "d2048_mb32_fp8_tensorwise": (_width(2048, 8, 16, 32) + FP8, True),
+    # GPT-3 XL's shape (d 2048, 24 blocks): the head and the per-step costs weigh as in a real model
+    "d2048x24_mb16_bf16": (_width(2048, 24, 16, 16), True),
+    "d2048x24_mb16_fp8_tensorwise": (_width(2048, 24, 16, 16) + FP8, True),
 }
 
 # Throughput by micro-batch and activation checkpointing (what train.micro_batch_size=auto weighs).

@@ -139,6 +139,10 @@ launcher_eager,launcher_fsdp_eager,launcher_fsdp_eager_bpu4 ;;
         --cases d4096x8_mb16_bf16,d4096x8_mb16_fp8_tensorwise_head ;;
     fp8_mb2048)
       step fp8_mb2048 400 python3 bench/bench_speed.py --steps 30 --cases d2048_mb32_bf16,d2048_mb32_fp8_tensorwise ;;
+    fp8_mb_long)  # issue 20 target 4's measure: 4096 x 8, mb 16, 150 steps (30-step losses move ~1% between calls)
+      step fp8_mb_long 400 python3 bench/bench_speed.py --steps 150 --cases d4096x8_mb16_bf16,d4096x8_mb16_fp8_tensorwise ;;
+    fp8_xl)  # GPT-3 XL's shape (d 2048, 24 blocks, mb 16): bf16 against fp8, 100 steps
+      step fp8_xl 420 python3 bench/bench_speed.py --steps 100 --cases d2048x24_mb16_bf16,d2048x24_mb16_fp8_tensorwise ;;
     fp8_deep)  # d 4096 with 8 blocks: fp8 against bf16 where the head weighs less (issue 20 target 4)
       step fp8_deep 420 python3 bench/bench_speed.py --steps 40 \
         --cases d4096x8_bf16,d4096x8_fp8_tensorwise,d4096x8_fp8_tensorwise_head ;;
