@@ -39,7 +39,6 @@ from launcher.memory.step_trace import (
     trace_forward_activations,
     trace_step,
 )
-from launcher.parallel.powersgd_kernels import MAX_RANK
 from launcher.recipe import block_layout
 from launcher.train.precision import DTYPES
 
@@ -348,13 +347,13 @@ def _comm_hook_parts(cfg: Config, grad_shapes: list[tuple[int, ...]], bucket_cap
     hook = cfg.comm_hook
     grad_bytes = sum(_numel(s) * 4 for s in grad_shapes)
     if isinstance(hook, PowerSGDConfig):
-        # Our hook defers the error with its Triton kernels (their ranks, fp32 buckets, warm start).
+        # Our hook defers the error with its Triton kernels (rank <= 16, fp32 buckets, warm start).
         deferred = (
             hook.impl == PowerSGDImpl.ours
             and hook.error_feedback
             and hook.warm_start
             and hook.triton_kernels
-            and hook.rank <= MAX_RANK
+            and hook.rank <= 16
             and hook.compress_dtype == CompressDtype.none
         )
         buffers = closed.powersgd_bytes(
