@@ -40,13 +40,38 @@ def available(matrices: torch.Tensor, rank: int) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _m_times_q(m_ptr, q_ptr, p_ptr, n, m, r, m_batch, m_row, BN: tl.constexpr, BK: tl.constexpr):
+        """P[b, rows] = M[b, rows] @ Q[b] for one block of BN rows."""
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        b = tl.program_id(1)
+        cols_r = tl.arange(0, 16)
+        acc = tl.zeros((BN, 16), dtype=tl.float32)
+        for k0 in range(0, m, BK):
+            ks = k0 + tl.arange(0, BK)
+            tile = tl.load(
+                m_ptr + b * m_batch + rows[:, None] * m_row + ks[None, :],
+                mask=(rows[:, None] < n) & (ks[None, :] < m),
+                other=0.0,
+            )
+            q = tl.load(
+                q_ptr + b * m * r + ks[:, None] * r + cols_r[None, :],
+                mask=(ks[:, None] < m) & (cols_r[None, :] < r),
+                other=0.0,
+            )
+            acc += tl.dot(tile, q, input_precision="ieee")
+        tl.store(
+            p_ptr + b * n * r + rows[:, None] * r + cols_r[None, :],
+            acc,
+            mask=(rows[:, None] < n) & (cols_r[None, :] < r),
+        )
+
+    @triton.jit
     def _compensated_times_q(
         g_ptr, e_ptr, pp_ptr, qp_ptr, q_ptr, p_ptr, n, m, r, g_batch, m_row, e_batch,
-        ADD: tl.constexpr, SUBTRACT: tl.constexpr, STORE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        ADD: tl.constexpr, SUBTRACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
-        """For one block of BN rows: M = G + E (ADD; E minus the last approximation Pp Qp^T, if
-        SUBTRACT), stored over E (STORE), and P = M @ Q; without ADD and STORE, P = G @ Q. P may be
-        Pp's memory: this program alone reads and writes its rows."""
+        """For one block of BN rows: M = G + E (E minus the last approximation Pp Qp^T, if SUBTRACT)
+        stored over E, and P = M @ Q. P may be Pp's memory: this program alone reads and writes its rows."""
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         b = tl.program_id(1)
         cols_r = tl.arange(0, 16)
@@ -73,8 +98,7 @@ if triton is not None:
                     )
                     error = error - tl.dot(p_prev, tl.trans(q_prev), input_precision="ieee")
                 tile = tile + error
-            if STORE:
-                tl.store(e_ptr + b * e_batch + at, tile, mask=inside)
+            tl.store(e_ptr + b * e_batch + at, tile, mask=inside)
             q = tl.load(
                 q_ptr + b * m * r + ks[:, None] * r + cols_r[None, :],
                 mask=(ks[:, None] < m) & (cols_r[None, :] < r),
@@ -161,11 +185,10 @@ def m_times_q(matrices: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> Non
     """out = matrices @ q, for (b, n, m) matrices, (b, m, r) contiguous q and out (b, n, r)."""
     b, n, m = matrices.shape
     rows, cols, warps = TILES["p"]
-    strides = matrices.stride(0), matrices.stride(1), 0
-    _compensated_times_q[(triton.cdiv(n, rows), b)](
-        matrices, matrices, out, q, q, out, n, m, q.shape[2], *strides,
-        ADD=False, SUBTRACT=False, STORE=False, BN=rows, BK=cols, num_warps=warps,
-    )  # fmt: skip
+    strides = matrices.stride(0), matrices.stride(1)
+    _m_times_q[(triton.cdiv(n, rows), b)](
+        matrices, q, out, n, m, q.shape[2], *strides, BN=rows, BK=cols, num_warps=warps
+    )
 
 
 def compensated_times_q(
@@ -190,8 +213,7 @@ def compensated_times_q(
     p_last, q_last = last if last is not None else (out, q)  # unread without SUBTRACT
     _compensated_times_q[(triton.cdiv(n, rows), b)](
         grads, error, p_last, q_last, q, out, n, m, q.shape[2], grads.stride(0), grads.stride(1),
-        error.stride(0), ADD=add_error, SUBTRACT=last is not None, STORE=True, BN=rows, BK=cols,
-        num_warps=warps,
+        error.stride(0), ADD=add_error, SUBTRACT=last is not None, BN=rows, BK=cols, num_warps=warps,
     )  # fmt: skip
 
 

@@ -8,7 +8,6 @@ import torch.distributed as dist
 
 from launcher.parallel import powersgd_kernels as kernels
 from launcher.parallel.powersgd import BatchedPowerSGDState, powersgd_hook
-from tests.grad_bucket import Bucket
 
 pytestmark = [
     pytest.mark.gpu,
@@ -45,6 +44,25 @@ def test_products_equal_bmm(b, n, m, r):
     kernels.decompress(matrices, p, q_out, error)
     torch.testing.assert_close(error, error_expected, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(matrices, approx, rtol=1e-5, atol=1e-3)
+
+
+class Bucket:
+    """What powersgd_hook reads of DDP's GradBucket."""
+
+    def __init__(self, buffer: torch.Tensor, shapes: list[tuple[int, ...]]) -> None:
+        self._buffer, self._params = buffer, [torch.empty(s, device="meta") for s in shapes]
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def index(self) -> int:
+        return 0
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self._params
+
+    def is_last(self) -> bool:
+        return True
 
 
 def test_hook_with_kernels_equals_hook_with_bmm_under_cuda_graphs():
