@@ -18,15 +18,7 @@ from typing import Any
 
 import torch
 
-from launcher.config.schema import (
-    CompressDtype,
-    Config,
-    DDPConfig,
-    FSDPConfig,
-    PipelineConfig,
-    PowerSGDConfig,
-    PowerSGDImpl,
-)
+from launcher.config.schema import Config, DDPConfig, FSDPConfig, PipelineConfig, PowerSGDConfig
 from launcher.memory import fsdp
 from launcher.memory import parts as closed
 from launcher.memory.compiled import fused_loss
@@ -347,17 +339,8 @@ def _comm_hook_parts(cfg: Config, grad_shapes: list[tuple[int, ...]], bucket_cap
     hook = cfg.comm_hook
     grad_bytes = sum(_numel(s) * 4 for s in grad_shapes)
     if isinstance(hook, PowerSGDConfig):
-        # Our hook defers the error with its Triton kernels (rank <= 16, fp32 buckets, warm start).
-        deferred = (
-            hook.impl == PowerSGDImpl.ours
-            and hook.error_feedback
-            and hook.warm_start
-            and hook.triton_kernels
-            and hook.rank <= 16
-            and hook.compress_dtype == CompressDtype.none
-        )
         buffers = closed.powersgd_bytes(
-            grad_shapes, hook.rank, hook.min_compression_rate, hook.error_feedback, deferred
+            grad_shapes, hook.rank, hook.min_compression_rate, hook.error_feedback
         )
         return {f"PowerSGD {k}": v for k, v in buffers.items()}
     if type(hook).__name__ in ("FP16CommHookConfig", "BF16CommHookConfig"):

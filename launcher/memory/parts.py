@@ -94,18 +94,13 @@ def bucket_bytes(grad_numels: Iterable[int], bucket_cap_mb: float, element_size:
 
 
 def powersgd_bytes(
-    shapes: Iterable[tuple[int, ...]],
-    rank: int,
-    min_compression_rate: float,
-    error_feedback: bool,
-    deferred_error: bool = False,
+    shapes: Iterable[tuple[int, ...]], rank: int, min_compression_rate: float, error_feedback: bool
 ) -> dict[str, int]:
     """PowerSGD's persistent buffers (torch's powerSGD_hook), fp32.
 
     Each gradient of 2+ dims is seen as a matrix n x m (first dim x the rest) and compressed when
     n * m >= (n + m) * rank * min_compression_rate: P is n x rank, Q is m x rank (kept between steps
-    for warm start). Error feedback holds a copy of every bucket, i.e. of every gradient. Our hook's
-    deferred error (`deferred_error`) keeps the last step's Q once more while Q is orthonormalised.
+    for warm start). Error feedback holds a copy of every bucket, i.e. of every gradient.
     """
     p = q = grads = 0
     for shape in shapes:
@@ -118,14 +113,7 @@ def powersgd_bytes(
         if n * m >= (n + m) * r * min_compression_rate:
             p += n * r * 4
             q += m * r * 4
-    parts = {
-        "P": _round512(p),
-        "Q": _round512(q),
-        "error feedback": _round512(grads) if error_feedback else 0,
-    }
-    if deferred_error:
-        parts["Q of the last step"] = _round512(q)
-    return parts
+    return {"P": _round512(p), "Q": _round512(q), "error feedback": _round512(grads) if error_feedback else 0}
 
 
 def half_bucket_bytes(grad_bytes: int, bucket_cap_mb: float) -> int:
