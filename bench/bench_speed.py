@@ -354,13 +354,7 @@ def run_hook_cost(
     )
     psgd = dict(rank=4, start_iter=2)
 
-    def ours(
-        rank: int,
-        orthogonalization: str = "auto",
-        graphs: bool = True,
-        kernels: bool = True,
-        defer: bool = True,
-    ):
+    def ours(rank: int, orthogonalization: str = "auto", graphs: bool = True, kernels: bool = True):
         return lambda: (
             powersgd_hook,
             BatchedPowerSGDState(
@@ -375,7 +369,6 @@ def run_hook_cost(
                 orthogonalization=orthogonalization,
                 cuda_graphs=graphs,
                 triton_kernels=kernels,
-                defer_error=defer,
             ),
         )
 
@@ -392,8 +385,6 @@ def run_hook_cost(
         "powersgd_r4_ours_no_graphs": ours(4, graphs=False),
         # the products by torch.bmm (cuBLAS skinny GEMMs) instead of the one-pass Triton kernels
         "powersgd_r4_ours_bmm": ours(4, kernels=False),
-        # the error E = M - P Q^T written by the decompression (8 passes a step, not 5: no deferral)
-        "powersgd_r4_ours_error_written": ours(4, defer=False),
         "powersgd_r4_ours_qr_no_graphs": ours(4, "qr", graphs=False),
         # fewer, larger buckets: each bucket orthonormalises its P and Q once (~0.34 ms of small kernels)
         "ddp_no_hook_b100": None,

@@ -199,8 +199,6 @@ def hook_state_dict(comm: CommHook | None) -> dict[str, Any]:
     if comm is None or comm.powersgd is None:
         return {}
     state = comm.powersgd
-    if isinstance(state, BatchedPowerSGDState):
-        state.settle_errors()  # saved as torch's hook keeps it: E = M - P Q^T
     name, keys, pos, has_gauss, cached = state.rng.get_state()
     saved: dict[str, Any] = {field: getattr(state, field) for field in POWERSGD_FIELDS}
     saved["rng"] = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
@@ -218,8 +216,6 @@ def load_hook_state(comm: CommHook | None, saved: dict[str, Any], device: torch.
         if isinstance(value, dict):
             value = {k: v.to(device) for k, v in value.items()}
         setattr(state, field, value)
-    if isinstance(state, BatchedPowerSGDState):
-        state.error_holds_input.clear()  # the errors were saved settled (hook_state_dict)
     name, keys, pos, has_gauss, cached = saved["rng"]
     state.rng.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 

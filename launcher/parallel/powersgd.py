@@ -10,8 +10,7 @@ per bucket layout:
 - matrices of one shape form one batch, a zero-copy strided view of the bucket when they are equally
   spaced in it (else one stacked copy): one bmm per group for P = M Q, Q = M^T P and M = P Q^T;
 - the factors of all groups are orthonormalised together (Cholesky QR in float64: a handful of kernels
-  per bucket), the error feedback costs one pass (E = M - P Q^T by one baddbmm; with the Triton kernels
-  E is never written: the next step forms it in the pass that reads M anyway, `compensated_times_q`);
+  per bucket), the error feedback costs one pass (E = M - P Q^T by one baddbmm);
 - P and Q of the whole bucket each travel in one flat all-reduce; tensors not worth compressing
   (biases, norms) are gathered into one reused buffer and one flat all-reduce;
 - on CUDA the work runs on a stream of its own, and its three arithmetic segments (before the P
@@ -80,8 +79,6 @@ class BatchedPowerSGDState:
             `torch.linalg.qr` per shape group) or "gram_schmidt" (torch's choice up to rank 2:
             batched modified Gram-Schmidt, a few small kernels per column, `orthogonalization_epsilon`
             added to the norms).
-        defer_error: with the Triton kernels, keep the compensated input as the error and form
-            E = M - P Q^T in the next step's first pass (`compensated_times_q`); False writes E at once.
     """
 
     def __init__(
@@ -97,7 +94,6 @@ class BatchedPowerSGDState:
         orthogonalization: str = "auto",
         cuda_graphs: bool = True,
         triton_kernels: bool = True,
-        defer_error: bool = True,
     ) -> None:
         if orthogonalization not in ORTHOGONALIZATIONS:
             raise ValueError(
@@ -122,14 +118,8 @@ class BatchedPowerSGDState:
         self._plans: dict[tuple, _Plan] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._uncompressed: dict[int, torch.Tensor] = {}
-        self.error_holds_input: dict[int, bool] = {}
-        """Per bucket: its error buffer holds the last compensated input M, not E = M - P Q^T (the
-        deferred error, `compensated_times_q`); `settle_errors` turns it back into E."""
-        self._q_last: dict[int, torch.Tensor] = {}
-        self._last_plan: dict[int, _Plan] = {}
         self.graphs = SegmentGraphs(enabled=cuda_graphs)
         self.triton_kernels = triton_kernels
-        self.defer_error = defer_error
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
         """The CUDA stream this rank's hook work runs on (one per device, made on first use)."""
@@ -151,30 +141,7 @@ class BatchedPowerSGDState:
             self._plans[key] = _make_plan(
                 shapes, self.matrix_approximation_rank, self.min_compression_rate, device
             )
-        self._last_plan[index] = self._plans[key]
         return self._plans[key]
-
-    def q_last(self, index: int, q_memory: torch.Tensor) -> torch.Tensor:
-        """Room for the bucket's last averaged Q while Q is orthonormalised in place (reused: graphs)."""
-        held = self._q_last.get(index)
-        if held is None or held.shape != q_memory.shape or held.device != q_memory.device:
-            held = self._q_last[index] = torch.empty_like(q_memory)
-        return held
-
-    def settle_errors(self) -> None:
-        """Make every error buffer hold E = M - P Q^T again, as torch's hook keeps it (for checkpoints
-        and comparisons); the next step then adds it as it is."""
-        for index, holds_input in self.error_holds_input.items():
-            if not holds_input:
-                continue
-            plan, error = self._last_plan[index], self.error_dict[index]
-            p_memory, q_memory = self.p_memory_dict[index], self.q_memory_dict[index]
-            for g in plan.groups:
-                p = _factor_views(p_memory, g, g.shape[0], g.p_start)
-                q = _factor_views(q_memory, g, g.shape[1], g.q_start)
-                matrices = _matrices(error, g)
-                matrices.copy_(torch.baddbmm(matrices, p, q.transpose(1, 2), alpha=-1))
-            self.error_holds_input[index] = False
 
 
 def _make_plan(shapes: list[torch.Size], rank: int, min_rate: float, device: torch.device) -> _Plan:
@@ -379,51 +346,7 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
     def streamed(matrix: torch.Tensor) -> bool:  # the products as one-pass Triton kernels
         return state.triton_kernels and powersgd_kernels.available(matrix, state.matrix_approximation_rank)
 
-    # The deferred error (`compensated_times_q`): the error buffer keeps the compensated input M, the
-    # bucket gets P Q^T alone, and E = M - P Q^T is formed in the next step's first pass. On CUDA with
-    # the Triton kernels (3 of 8 passes saved); off CUDA too, where the ops are the eager path's.
-    deferred = (
-        error is not None
-        and state.defer_error
-        and state.warm_start
-        and bool(plan.groups)
-        and all(g.strided for g in plan.groups)
-        and (streamed(buffer.view(1, 1, -1)) or not buffer.is_cuda)
-    )
-    if not deferred and state.error_holds_input.get(index, False):
-        state.settle_errors()
-    subtract = deferred and add_error and state.error_holds_input.get(index, False)
-    q_last = state.q_last(index, q_memory) if subtract else None
-
-    def compress_p_deferred() -> None:  # M = input + E (formed here), stored as the error; P = M orth(Q)
-        grads, ps, qs = made()
-        if uncompressed is not None:
-            torch.index_select(buffer, 0, plan.uncompressed_index, out=uncompressed)
-            if add_error:
-                uncompressed.add_(error.index_select(0, plan.uncompressed_index))
-            error.index_copy_(0, plan.uncompressed_index, uncompressed)  # the input; minus the mean later
-        if subtract:
-            q_last.copy_(q_memory)
-        _orthogonalize_factors(state, q_memory, plan, qs, dim=1)
-        q_lasts = [_factor_views(q_last, g, g.shape[1], g.q_start) for g in plan.groups] if subtract else ()
-        for i, (g, grad, p, q) in enumerate(zip(plan.groups, grads, ps, qs)):
-            if streamed(grad):
-                last = (p, q_lasts[i]) if subtract else None
-                powersgd_kernels.compensated_times_q(grad, _matrices(error, g), q, p, add_error, last)
-                continue
-            compensated = _matrices(error, g)  # off CUDA: the same arithmetic as the eager path, op by op
-            if subtract:
-                compensated.baddbmm_(p, q_lasts[i].transpose(1, 2), alpha=-1)
-            if add_error:
-                compensated.add_(grad)
-            else:
-                compensated.copy_(grad)
-            torch.bmm(compensated, q, out=p)
-
     def compress_p() -> None:  # input (+ error), its uncompressed part gathered; P = M orth(Q)
-        if deferred:
-            compress_p_deferred()
-            return
         matrices, ps, qs = made()
         if add_error:
             buffer.add_(error)
@@ -443,8 +366,6 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
 
     def compress_q() -> None:  # Q = M^T orth(P), with P summed over ranks
         matrices, ps, qs = made()
-        if deferred:
-            matrices = [_matrices(error, g) for g in plan.groups]
         _orthogonalize_factors(state, p_memory, plan, ps, dim=0)
         for matrix, p, q in zip(matrices, ps, qs):
             if streamed(matrix):
@@ -457,11 +378,10 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
         q_memory.div_(world)
         for g, matrix, p, q in zip(plan.groups, matrices, ps, qs):
             if g.strided and streamed(matrix):  # the error and M = P Q^T in one pass
-                e = _matrices(error, g) if error is not None and not deferred else None
-                powersgd_kernels.decompress(matrix, p, q, e)
+                powersgd_kernels.decompress(matrix, p, q, _matrices(error, g) if error is not None else None)
                 continue
             q_t = q.transpose(1, 2)
-            if error is not None and not deferred:  # one pass over the input
+            if error is not None:  # one pass over the input
                 if g.strided:
                     torch.baddbmm(matrix, p, q_t, alpha=-1, out=_matrices(error, g))
                 else:
@@ -480,8 +400,8 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
     # The tensors the segments touch; while they stay put, the segments replay as CUDA graphs.
     key = None
     if not fresh and all(g.strided for g in plan.groups):
-        tensors = (buffer, error, uncompressed, p_memory, q_memory, q_last)
-        key = (world, add_error, deferred, subtract, *(t.data_ptr() if t is not None else 0 for t in tensors))
+        tensors = (buffer, error, uncompressed, p_memory, q_memory)
+        key = (world, add_error, *(t.data_ptr() if t is not None else 0 for t in tensors))
     state.graphs.run(("compress_p", index), key, compress_p, cuda)
     uncompressed_work = None
     if uncompressed is not None:
@@ -501,8 +421,6 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
             here.wait_stream(side)
         else:
             decompress()
-        if deferred:
-            state.error_holds_input[index] = True
         if not state.warm_start:
             state.p_memory_dict.clear()
             state.q_memory_dict.clear()

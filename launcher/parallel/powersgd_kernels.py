@@ -66,52 +66,6 @@ if triton is not None:
         )
 
     @triton.jit
-    def _compensated_times_q(
-        g_ptr, e_ptr, pp_ptr, qp_ptr, q_ptr, p_ptr, n, m, r, g_batch, m_row, e_batch,
-        ADD: tl.constexpr, SUBTRACT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    ):  # fmt: skip
-        """For one block of BN rows: M = G + E (E minus the last approximation Pp Qp^T, if SUBTRACT)
-        stored over E, and P = M @ Q. P may be Pp's memory: this program alone reads and writes its rows."""
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
-        b = tl.program_id(1)
-        cols_r = tl.arange(0, 16)
-        in_rows = rows[:, None] < n
-        if SUBTRACT:
-            p_prev = tl.load(
-                pp_ptr + b * n * r + rows[:, None] * r + cols_r[None, :],
-                mask=in_rows & (cols_r[None, :] < r),
-                other=0.0,
-            )
-        acc = tl.zeros((BN, 16), dtype=tl.float32)
-        for k0 in range(0, m, BK):
-            ks = k0 + tl.arange(0, BK)
-            inside = in_rows & (ks[None, :] < m)
-            at = rows[:, None] * m_row + ks[None, :]
-            tile = tl.load(g_ptr + b * g_batch + at, mask=inside, other=0.0)
-            if ADD:
-                error = tl.load(e_ptr + b * e_batch + at, mask=inside, other=0.0)
-                if SUBTRACT:
-                    q_prev = tl.load(
-                        qp_ptr + b * m * r + ks[:, None] * r + cols_r[None, :],
-                        mask=(ks[:, None] < m) & (cols_r[None, :] < r),
-                        other=0.0,
-                    )
-                    error = error - tl.dot(p_prev, tl.trans(q_prev), input_precision="ieee")
-                tile = tile + error
-            tl.store(e_ptr + b * e_batch + at, tile, mask=inside)
-            q = tl.load(
-                q_ptr + b * m * r + ks[:, None] * r + cols_r[None, :],
-                mask=(ks[:, None] < m) & (cols_r[None, :] < r),
-                other=0.0,
-            )
-            acc += tl.dot(tile, q, input_precision="ieee")
-        tl.store(
-            p_ptr + b * n * r + rows[:, None] * r + cols_r[None, :],
-            acc,
-            mask=in_rows & (cols_r[None, :] < r),
-        )
-
-    @triton.jit
     def _mt_times_p(
         m_ptr, p_ptr, part_ptr, n, m, r, m_batch, m_row, rows_per_split, BN: tl.constexpr, BM: tl.constexpr
     ):
@@ -189,32 +143,6 @@ def m_times_q(matrices: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> Non
     _m_times_q[(triton.cdiv(n, rows), b)](
         matrices, q, out, n, m, q.shape[2], *strides, BN=rows, BK=cols, num_warps=warps
     )
-
-
-def compensated_times_q(
-    grads: torch.Tensor,
-    error: torch.Tensor,
-    q: torch.Tensor,
-    out: torch.Tensor,
-    add_error: bool,
-    last: tuple[torch.Tensor, torch.Tensor] | None,
-) -> None:
-    """error = grads + error (- p_last @ q_last^T, given `last`), then out = error @ q, in one pass.
-
-    Error feedback with the error kept as the last step's input: the error E = M - P Q^T is never
-    written; it is formed here, where the next step reads M anyway (3 passes over the matrices a step
-    saved: bench/RESULTS.md). Without `add_error` the error is not read: error = grads. `grads` and
-    `error` are (b, n, m) with the same row stride; q (b, m, r), out and the `last` factors contiguous;
-    out may be last's P.
-    """
-    b, n, m = grads.shape
-    assert error.stride(1) == grads.stride(1) and error.stride(2) == 1
-    rows, cols, warps = TILES["p"]
-    p_last, q_last = last if last is not None else (out, q)  # unread without SUBTRACT
-    _compensated_times_q[(triton.cdiv(n, rows), b)](
-        grads, error, p_last, q_last, q, out, n, m, q.shape[2], grads.stride(0), grads.stride(1),
-        error.stride(0), ADD=add_error, SUBTRACT=last is not None, BN=rows, BK=cols, num_warps=warps,
-    )  # fmt: skip
 
 
 def mt_times_p(matrices: torch.Tensor, p: torch.Tensor, out: torch.Tensor) -> None:

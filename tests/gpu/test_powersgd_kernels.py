@@ -85,59 +85,5 @@ def test_hook_with_kernels_equals_hook_with_bmm_under_cuda_graphs():
             buffers[k].copy_(grad)
             out[k] = powersgd_hook(state, Bucket(buffers[k], shapes)).wait().clone()
         torch.testing.assert_close(out[True], out[False], rtol=1e-3, atol=1e-3)
-    assert states[True].error_holds_input[0], "the kernel path did not defer the error"
-    states[True].settle_errors()
     torch.testing.assert_close(states[True].error_dict[0], states[False].error_dict[0], rtol=1e-3, atol=1e-3)
     assert states[True].graphs._graphs, "the kernel path was never captured as CUDA graphs"
-
-
-@pytest.mark.parametrize(("n", "m", "r"), [(768, 2304, 4), (77, 131, 8)])
-def test_compensated_product_equals_torch(n, m, r):
-    """M = G + (E - Pl Ql^T) written over E, and P = M Q written over Pl, against torch."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.manual_seed(0)
-    grads, error = strided_matrices(2, n, m, gap=3), strided_matrices(2, n, m, gap=3)
-    q, q_last, p = (
-        torch.randn(2, m, r, device="cuda"),
-        torch.randn(2, m, r, device="cuda"),
-        torch.randn(2, n, r, device="cuda"),
-    )
-    want = grads + (error - torch.bmm(p, q_last.transpose(1, 2)))
-    want_p = torch.bmm(want, q)
-    kernels.compensated_times_q(grads, error, q, p, True, (p, q_last))
-    torch.testing.assert_close(error, want, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(p, want_p, rtol=1e-5, atol=1e-3)
-
-
-def test_deferred_error_resumes_bit_exact():
-    """A state saved after five steps (errors settled) and loaded into a fresh one continues exactly as
-    the run it was saved from, CUDA graphs and all."""
-    from launcher.parallel.comm_hooks import CommHook, hook_state_dict, load_hook_state
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    shapes = [(768, 2304), (768,), (3072, 768)]
-    numel = sum(torch.Size(s).numel() for s in shapes)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    grads = [torch.randn(numel, device="cuda", generator=gen) for _ in range(10)]
-
-    def fresh() -> BatchedPowerSGDState:
-        return BatchedPowerSGDState(None, 4, 2, 2.0, True, True, 0.0, 0)
-
-    first, outs, saved = fresh(), [], None
-    buffer = torch.empty(numel, device="cuda")
-    for step, grad in enumerate(grads):
-        if step == 5:
-            saved = {
-                k: {i: t.clone() for i, t in v.items()} if isinstance(v, dict) else v
-                for k, v in hook_state_dict(CommHook(powersgd_hook, first, 4, powersgd=first)).items()
-            }
-        buffer.copy_(grad)
-        outs.append(powersgd_hook(first, Bucket(buffer, shapes)).wait().clone())
-    second = fresh()
-    load_hook_state(CommHook(powersgd_hook, second, 4, powersgd=second), saved, torch.device("cuda"))
-    other = torch.empty(numel, device="cuda")
-    for step in range(5, 10):
-        other.copy_(grads[step])
-        assert torch.equal(powersgd_hook(second, Bucket(other, shapes)).wait(), outs[step]), step
