@@ -354,7 +354,13 @@ def run_hook_cost(
     )
     psgd = dict(rank=4, start_iter=2)
 
-    def ours(rank: int, orthogonalization: str = "auto", graphs: bool = True, kernels: bool = True):
+    def ours(
+        rank: int,
+        orthogonalization: str = "auto",
+        graphs: bool = True,
+        kernels: bool = True,
+        fuse: bool = True,
+    ):
         return lambda: (
             powersgd_hook,
             BatchedPowerSGDState(
@@ -369,6 +375,7 @@ def run_hook_cost(
                 orthogonalization=orthogonalization,
                 cuda_graphs=graphs,
                 triton_kernels=kernels,
+                fuse_error_add=fuse,
             ),
         )
 
@@ -385,6 +392,8 @@ def run_hook_cost(
         "powersgd_r4_ours_no_graphs": ours(4, graphs=False),
         # the products by torch.bmm (cuBLAS skinny GEMMs) instead of the one-pass Triton kernels
         "powersgd_r4_ours_bmm": ours(4, kernels=False),
+        # the error added to the input in a pass of its own, not inside P's kernel (8 passes a step, not 7)
+        "powersgd_r4_ours_add_apart": ours(4, fuse=False),
         "powersgd_r4_ours_qr_no_graphs": ours(4, "qr", graphs=False),
         # fewer, larger buckets: each bucket orthonormalises its P and Q once (~0.34 ms of small kernels)
         "ddp_no_hook_b100": None,

@@ -100,6 +100,10 @@ launcher_fsdp_compiled,launcher_fsdp_compiled_bpu2,launcher_fsdp_compiled_bpu4,l
     hooks_buckets)  # PowerSGD with 100 MB buckets (4x fewer orthonormalisations) against 25 MB
       step hooks_buckets 120 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 \
         --hooks ddp_no_hook,ddp_no_hook_b100,powersgd_r4_ours,powersgd_r4_ours_b100,fp16 ;;
+    hooks_fuse_add)  # PowerSGD's error added inside P's kernel (7 passes a step) against a pass of its own (8)
+      step hooks_fuse_add_test 120 python3 -m pytest -q -x tests/gpu -k powersgd
+      step hooks_fuse_add 200 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 --repeat 3 \
+        --hooks ddp_no_hook,powersgd_r4_ours,powersgd_r4_ours_add_apart ;;
     hooks_repeat)  # three interleaved rounds: DDP alone, fp16, PowerSGD r4 (~2 min)
       step hooks_repeat 160 python3 bench/bench_speed.py --only-hook-cost --hand-steps 30 --repeat 3 \
         --hooks ddp_no_hook,fp16,powersgd_r4_ours ;;

@@ -94,6 +94,7 @@ class BatchedPowerSGDState:
         orthogonalization: str = "auto",
         cuda_graphs: bool = True,
         triton_kernels: bool = True,
+        fuse_error_add: bool = True,
     ) -> None:
         if orthogonalization not in ORTHOGONALIZATIONS:
             raise ValueError(
@@ -120,6 +121,7 @@ class BatchedPowerSGDState:
         self._uncompressed: dict[int, torch.Tensor] = {}
         self.graphs = SegmentGraphs(enabled=cuda_graphs)
         self.triton_kernels = triton_kernels
+        self.fuse_error_add = fuse_error_add
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
         """The CUDA stream this rank's hook work runs on (one per device, made on first use)."""
@@ -348,19 +350,27 @@ def _powersgd(state: BatchedPowerSGDState, bucket: Any, buffer: torch.Tensor) ->
 
     def compress_p() -> None:  # input (+ error), its uncompressed part gathered; P = M orth(Q)
         matrices, ps, qs = made()
-        if add_error:
+        # Every matrix a view streamed by P's kernel: the kernel adds the error where it reads the input.
+        add_in_kernel = (
+            add_error
+            and state.fuse_error_add
+            and all(g.strided and streamed(matrix) for g, matrix in zip(plan.groups, matrices))
+        )
+        if add_error and not add_in_kernel:
             buffer.add_(error)
         for i, g in enumerate(plan.groups):
             if not g.strided:
                 matrices[i] = _matrices(buffer, g)
         if uncompressed is not None:
             torch.index_select(buffer, 0, plan.uncompressed_index, out=uncompressed)
+            if add_in_kernel:
+                uncompressed.add_(error[plan.uncompressed_index])
             if error is not None:
                 error.index_copy_(0, plan.uncompressed_index, uncompressed)  # the input; minus the mean later
         _orthogonalize_factors(state, q_memory, plan, qs, dim=1)
-        for matrix, p, q in zip(matrices, ps, qs):
+        for g, matrix, p, q in zip(plan.groups, matrices, ps, qs):
             if streamed(matrix):
-                powersgd_kernels.m_times_q(matrix, q, p)
+                powersgd_kernels.m_times_q(matrix, q, p, _matrices(error, g) if add_in_kernel else None)
             else:
                 torch.bmm(matrix, q, out=p)
 

@@ -40,19 +40,23 @@ def available(matrices: torch.Tensor, rank: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _m_times_q(m_ptr, q_ptr, p_ptr, n, m, r, m_batch, m_row, BN: tl.constexpr, BK: tl.constexpr):
-        """P[b, rows] = M[b, rows] @ Q[b] for one block of BN rows."""
+    def _m_times_q(
+        m_ptr, e_ptr, q_ptr, p_ptr, n, m, r, m_batch, m_row, e_batch, BN: tl.constexpr, BK: tl.constexpr
+    ):
+        """P[b, rows] = M[b, rows] @ Q[b] for one block of BN rows; with E given, M += E first (stored)."""
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         b = tl.program_id(1)
         cols_r = tl.arange(0, 16)
+        in_rows = rows[:, None] < n
         acc = tl.zeros((BN, 16), dtype=tl.float32)
         for k0 in range(0, m, BK):
             ks = k0 + tl.arange(0, BK)
-            tile = tl.load(
-                m_ptr + b * m_batch + rows[:, None] * m_row + ks[None, :],
-                mask=(rows[:, None] < n) & (ks[None, :] < m),
-                other=0.0,
-            )
+            inside = in_rows & (ks[None, :] < m)
+            at = rows[:, None] * m_row + ks[None, :]
+            tile = tl.load(m_ptr + b * m_batch + at, mask=inside, other=0.0)
+            if e_ptr is not None:  # this program alone reads and writes these elements
+                tile = tile + tl.load(e_ptr + b * e_batch + at, mask=inside, other=0.0)
+                tl.store(m_ptr + b * m_batch + at, tile, mask=inside)
             q = tl.load(
                 q_ptr + b * m * r + ks[:, None] * r + cols_r[None, :],
                 mask=(ks[:, None] < m) & (cols_r[None, :] < r),
@@ -62,7 +66,7 @@ if triton is not None:
         tl.store(
             p_ptr + b * n * r + rows[:, None] * r + cols_r[None, :],
             acc,
-            mask=(rows[:, None] < n) & (cols_r[None, :] < r),
+            mask=in_rows & (cols_r[None, :] < r),
         )
 
     @triton.jit
@@ -135,14 +139,22 @@ TILES = {"p": (16, 64, 4), "q": (32, 64, 4), "decompress": (64, 128, 4)}
 the GPU's SMs; bench/probe_powersgd_kernels.py times the alternatives."""
 
 
-def m_times_q(matrices: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
-    """out = matrices @ q, for (b, n, m) matrices, (b, m, r) contiguous q and out (b, n, r)."""
+def m_times_q(
+    matrices: torch.Tensor, q: torch.Tensor, out: torch.Tensor, error: torch.Tensor | None = None
+) -> None:
+    """out = matrices @ q, for (b, n, m) matrices, (b, m, r) contiguous q and out (b, n, r).
+
+    With `error` (the matrices' shape and row stride), matrices += error first, in the same pass: error
+    feedback's add costs no pass of its own (bench/RESULTS.md).
+    """
     b, n, m = matrices.shape
+    if error is not None:
+        assert error.stride(1) == matrices.stride(1) and error.stride(2) == 1
     rows, cols, warps = TILES["p"]
-    strides = matrices.stride(0), matrices.stride(1)
     _m_times_q[(triton.cdiv(n, rows), b)](
-        matrices, q, out, n, m, q.shape[2], *strides, BN=rows, BK=cols, num_warps=warps
-    )
+        matrices, error, q, out, n, m, q.shape[2], matrices.stride(0), matrices.stride(1),
+        error.stride(0) if error is not None else 0, BN=rows, BK=cols, num_warps=warps,
+    )  # fmt: skip
 
 
 def mt_times_p(matrices: torch.Tensor, p: torch.Tensor, out: torch.Tensor) -> None:

@@ -46,6 +46,18 @@ def test_products_equal_bmm(b, n, m, r):
     torch.testing.assert_close(matrices, approx, rtol=1e-5, atol=1e-3)
 
 
+def test_product_with_the_error_added_in_its_pass():
+    """m_times_q with an error: the matrices become matrices + error, and P is their product with Q."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    matrices, error = strided_matrices(3, 768, 3072, gap=7), strided_matrices(3, 768, 3072, gap=7)
+    expected = matrices + error
+    q, p = torch.randn(3, 3072, 4, device="cuda"), torch.empty(3, 768, 4, device="cuda")
+    kernels.m_times_q(matrices, q, p, error)
+    torch.testing.assert_close(matrices, expected, rtol=0, atol=0)
+    torch.testing.assert_close(p, torch.bmm(expected, q), rtol=1e-5, atol=1e-4)
+
+
 class Bucket:
     """What powersgd_hook reads of DDP's GradBucket."""
 
@@ -67,15 +79,19 @@ class Bucket:
 
 def test_hook_with_kernels_equals_hook_with_bmm_under_cuda_graphs():
     """Eight steps (six compressed, later ones replayed as CUDA graphs): the averaged gradients and the
-    error feedback of the kernel path equal the bmm path's to fp32 rounding."""
+    error feedback of the kernel path equal the bmm path's to fp32 rounding, and adding the error inside
+    P's kernel gives the bits that a pass of its own gives."""
     torch.backends.cuda.matmul.allow_tf32 = False
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     shapes = [(768, 2304), (768,), (768, 768), (3072, 768), (768, 3072)]
     numel = sum(torch.Size(s).numel() for s in shapes)
-    states = {
-        k: BatchedPowerSGDState(None, 4, 2, 2.0, True, True, 0.0, 0, triton_kernels=k) for k in (True, False)
+    options = {
+        "kernels": dict(triton_kernels=True),
+        "add_apart": dict(triton_kernels=True, fuse_error_add=False),
+        "bmm": dict(triton_kernels=False),
     }
+    states = {k: BatchedPowerSGDState(None, 4, 2, 2.0, True, True, 0.0, 0, **o) for k, o in options.items()}
     buffers = {k: torch.empty(numel, device="cuda") for k in states}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for _ in range(8):
@@ -84,6 +100,9 @@ def test_hook_with_kernels_equals_hook_with_bmm_under_cuda_graphs():
         for k, state in states.items():
             buffers[k].copy_(grad)
             out[k] = powersgd_hook(state, Bucket(buffers[k], shapes)).wait().clone()
-        torch.testing.assert_close(out[True], out[False], rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(states[True].error_dict[0], states[False].error_dict[0], rtol=1e-3, atol=1e-3)
-    assert states[True].graphs._graphs, "the kernel path was never captured as CUDA graphs"
+        torch.testing.assert_close(out["kernels"], out["bmm"], rtol=1e-3, atol=1e-3)
+        assert torch.equal(out["kernels"], out["add_apart"])
+    errors = {k: state.error_dict[0] for k, state in states.items()}
+    torch.testing.assert_close(errors["kernels"], errors["bmm"], rtol=1e-3, atol=1e-3)
+    assert torch.equal(errors["kernels"], errors["add_apart"])
+    assert states["kernels"].graphs._graphs, "the kernel path was never captured as CUDA graphs"
