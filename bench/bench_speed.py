@@ -533,7 +533,7 @@ def print_tables(results: list[dict], hook_results: list[dict], steps: int) -> N
         if "error" in r:
             print(f"| {r['case']} | {r['error']} | | | | | |")
             continue
-        ref = by.get(r["case"].split("_")[0] + "_bf16")
+        ref = by.get(r["case"].split("_fp8")[0].removesuffix("_bf16") + "_bf16")  # same shape, bf16
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.3f}" if ref else "-"
         loss = f"{r['eval_loss'] / ref['eval_loss'] - 1:+.2%}" if ref and r.get("eval_loss") else "-"
         ev = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "-"

@@ -4,8 +4,9 @@ With rank r <= 16 the products P = M Q, Q = M^T P and (E, M) = (M - P Q^T, P Q^T
 their arithmetic is 2r flops per gradient element. cuBLAS runs them as skinny GEMMs at a fraction of
 the memory bandwidth (GPT-2-small on an H100: 6.9 ms a step for passes that take ~1 ms at full
 bandwidth, bench/RESULTS.md). These kernels stream each (n, m) matrix once per product, the factor
-padded to 16 columns in registers, fp32 throughout (`input_precision="ieee"`: no TF32), and the
-decompression writes the error and the approximation in the same pass.
+padded to 16 columns in registers, fp32 throughout (`input_precision="ieee"`: no TF32); P's kernel
+adds error feedback's error to the matrices as it reads them, and the decompression writes the new
+error and the approximation in the same pass: 7 passes over the gradients a step.
 
 Used only on CUDA with Triton importable (`available`); elsewhere the hook keeps torch.bmm.
 """
