@@ -79,6 +79,9 @@ class BatchedPowerSGDState:
             `torch.linalg.qr` per shape group) or "gram_schmidt" (torch's choice up to rank 2:
             batched modified Gram-Schmidt, a few small kernels per column, `orthogonalization_epsilon`
             added to the norms).
+        fuse_error_add: with the Triton kernels, add the error feedback inside P's kernel (one pass
+            over the gradients fewer: bench/RESULTS.md); False adds it in a pass of its own, the same
+            bits (the bench's and the GPU test's comparison).
     """
 
     def __init__(
